@@ -1,0 +1,20 @@
+"""sparsedist: sparse gradient exchange, sparse collectives and sparse models for distributed PyTorch.
+
+The public API is small:
+
+* :func:`register` — one line that makes a DDP model's gradient exchange sparse, with error feedback;
+* :class:`SparsifyState` and :func:`sparsify_hook` — the same, used like PyTorch's ``PowerSGDState`` /
+  ``powerSGD_hook`` pair with ``ddp.register_comm_hook``;
+* :mod:`sparsedist.compressors` — the selection rules (top-k, threshold, rand-k, variance-based, DGC);
+* :mod:`sparsedist.collectives` — sparse collectives over torch.distributed or MPI;
+* :class:`SparseGrad` — the payload type compressors produce and collectives consume.
+"""
+
+from . import compressors
+from .hook import SparsifyState, sparsify_hook
+from .payload import SparseGrad
+from .register import register
+
+__version__ = "0.1.0"
+
+__all__ = ["register", "SparsifyState", "sparsify_hook", "SparseGrad", "compressors", "__version__"]

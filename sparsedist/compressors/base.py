@@ -1,0 +1,142 @@
+"""The compressor interface: WHAT to send. Pure tensor code, no communication, no DDP.
+
+A compressor sees one flat accumulator at a time (a layer's gradient plus its residual, or a whole bucket's)
+and returns a :class:`~sparsedist.payload.SparseGrad`. The hook (:mod:`sparsedist.hook`) owns the flow::
+
+    acc     = compressor.accumulate(key, grad, residual)   # error feedback: grad + residual (DGC: momentum)
+    payload = compressor.compress(acc, ctx)                # selection
+    ...collective...
+    residual = acc - payload.to_dense()                    # (sparsedist.feedback) what was not sent is kept
+    compressor.after_send(key, payload)                    # compressor-side state (DGC momentum masking, ...)
+
+Compressors that keep per-tensor state key it by ``key`` (the parameter's stable position in the model,
+identical on every rank) and implement ``state_dict()`` / ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..payload import SparseGrad
+
+__all__ = ["Compressor", "SelectContext", "check_density", "check_nonnegative", "count_for_density"]
+
+
+@dataclass
+class SelectContext:
+    """What a compressor may know besides the accumulator.
+
+    Attributes:
+        step: number of completed gradient exchanges before this one (0 on the first step); identical on all ranks.
+        key: stable integer id of the tensor (parameter position in the model; for a whole-bucket selection the
+            first parameter's), identical on every rank.
+        world_size: number of ranks taking part.
+        rank: this process's rank (for rank-local randomness).
+        seed: the state's seed, shared by all ranks (for shared-index randomness).
+        second_moment: for variance-based selection, a flat tensor (same shape as the accumulator) with the
+            sum over examples of squared per-example gradients of this step; None when not collected.
+    """
+
+    step: int
+    key: int
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0
+    second_moment: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_density(density: Any, name: str = "density") -> float:
+    """Validate a density in (0, 1]; raise ``TypeError``/``ValueError`` naming the option otherwise."""
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"{name} must be a number in (0, 1], got {density!r} of type {type(density).__name__}")
+    density = float(density)
+    if math.isnan(density) or not 0.0 < density <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1] (fraction of elements sent), got {density}; "
+                         f"e.g. {name}=0.01 sends 1% of the gradient")
+    return density
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """Validate a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number >= 0, got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def count_for_density(numel: int, density: float) -> int:
+    """k = ceil(density * numel), at least 1 for a non-empty tensor, at most numel."""
+    if numel == 0:
+        return 0
+    return max(1, min(numel, math.ceil(density * numel - 1e-9)))
+
+
+class Compressor:
+    """Base class. Subclasses implement :meth:`compress`; stateful ones also the state methods.
+
+    Class attributes:
+        name: registry name (``"topk"``, ...).
+        needs_second_moment: True if :meth:`compress` needs ``ctx.second_moment`` (variance-based selection);
+            :func:`sparsedist.register` then installs the module hooks that compute it.
+        shared_indices: True if every rank selects the same indices (values-only allreduce is valid).
+    """
+
+    name = "base"
+    needs_second_moment = False
+    shared_indices = False
+
+    def accumulate(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """Return the accumulator to select from: ``grad + residual`` (a new tensor; inputs untouched).
+
+        Args:
+            key: the tensor's stable id.
+            grad: flat gradient of this step, ``(n,)``, summed over ranks' local batch (not yet averaged).
+            residual: flat residual ``(n,)`` in the accumulator dtype, or None when error feedback is off.
+        """
+        if residual is None:
+            return grad.clone()
+        return residual + grad
+
+    def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
+        """Select what to send from the flat accumulator ``acc`` (``(n,)``, floating)."""
+        raise NotImplementedError
+
+    def after_send(self, key: int, payload: SparseGrad) -> None:
+        """Commit compressor-side state once ``payload`` has been exchanged (default: nothing).
+
+        Compressors must not change their persistent state in :meth:`accumulate` or :meth:`compress`: when an
+        exchange is abandoned (a non-finite gradient on some rank), the hook skips :meth:`after_send` and calls
+        :meth:`discard_pending`, and the state must be exactly as before the step.
+        """
+
+    def discard_pending(self) -> None:
+        """Forget whatever :meth:`accumulate`/:meth:`compress` prepared for an abandoned exchange."""
+
+    def density_at(self, step: int) -> float | None:
+        """Target density at ``step`` for fixed-density compressors, else None."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-tensor state (e.g. DGC momenta), keyed by the tensor's ``key``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless but got state with keys {sorted(state)}")
+
+    def options(self) -> dict[str, Any]:
+        """The compressor's configuration, for logging and for checking that all ranks agree."""
+        return {}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"

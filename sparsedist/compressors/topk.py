@@ -1,0 +1,102 @@
+"""Top-k sparsification: keep the k = ceil(density * n) largest-magnitude entries.
+
+Two selection modes:
+
+* ``"exact"``: ``torch.topk`` on ``|acc|``.
+* ``"sampled"`` (Lin et al. 2018, DGC's sampled threshold): estimate the k-th largest magnitude from a uniform
+  random sample of ``sample_ratio * n`` entries, take every entry at or above it, and only when that
+  overshoots k run an exact top-k on the (few) candidates. When the estimate undershoots badly (fewer than
+  ``k / 2`` candidates) it falls back to exact selection, so the count is always in ``[k/2, k]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..payload import SparseGrad
+from .base import Compressor, SelectContext, check_density, count_for_density
+
+__all__ = ["TopKCompressor", "topk_indices", "sampled_topk_indices"]
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (int64, ``(k,)``) of the k largest ``|x|`` of a flat tensor."""
+    if k >= x.numel():
+        return torch.arange(x.numel(), device=x.device)
+    return torch.topk(x.abs(), k, sorted=False).indices
+
+
+def sampled_topk_indices(x: torch.Tensor, k: int, sample_ratio: float = 0.01, min_samples: int = 1000,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Approximate top-k by a sampled threshold; returns between ``k/2`` and ``k`` indices (int64).
+
+    Args:
+        x: flat floating tensor ``(n,)``.
+        k: target count.
+        sample_ratio: fraction of entries sampled to estimate the threshold.
+        min_samples: lower bound on the sample size; below ``4 * min_samples`` entries exact top-k is used.
+        generator: random generator for the sample (CPU generators are used for reproducibility).
+    """
+    n = x.numel()
+    if k >= n or n < 4 * min_samples:
+        return topk_indices(x, k)
+    mag = x.abs()
+    num_samples = min(n, max(min_samples, int(n * sample_ratio)))
+    sample_idx = torch.randint(0, n, (num_samples,), generator=generator, device="cpu").to(x.device)
+    samples = mag[sample_idx]
+    k_samples = max(1, math.ceil(k * num_samples / n))
+    threshold = torch.topk(samples, k_samples, sorted=False).values.min()
+    candidates = (mag >= threshold).nonzero().view(-1)
+    count = candidates.numel()
+    if count > k:
+        return candidates[torch.topk(mag[candidates], k, sorted=False).indices]
+    if 2 * count < k:
+        return topk_indices(x, k)
+    return candidates
+
+
+class TopKCompressor(Compressor):
+    """Keep the ``k = ceil(density * n)`` largest-magnitude entries of each accumulator.
+
+    Args:
+        density: fraction of entries sent, in (0, 1].
+        mode: ``"exact"`` (``torch.topk``) or ``"sampled"`` (threshold estimated from a random sample; exact
+            selection only when the count overshoots).
+        sample_ratio: fraction sampled in ``"sampled"`` mode.
+    """
+
+    name = "topk"
+
+    def __init__(self, density: float = 0.01, mode: str = "exact", sample_ratio: float = 0.01):
+        self.density = check_density(density)
+        if mode not in ("exact", "sampled"):
+            raise ValueError(f"topk mode must be 'exact' or 'sampled', got {mode!r}")
+        self.mode = mode
+        self.sample_ratio = check_density(sample_ratio, "sample_ratio")
+        self._generator = torch.Generator().manual_seed(0)
+
+    def density_at(self, step: int) -> float:
+        return self.density
+
+    def select(self, acc: torch.Tensor, k: int) -> torch.Tensor:
+        if self.mode == "sampled":
+            return sampled_topk_indices(acc, k, self.sample_ratio, generator=self._generator)
+        return topk_indices(acc, k)
+
+    def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
+        k = count_for_density(acc.numel(), self.density_at(ctx.step))
+        idx = self.select(acc, k)
+        return SparseGrad(idx, acc[idx], acc.numel())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self._generator.get_state()} if self.mode == "sampled" else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self._generator.set_state(state["generator"])
+
+    def options(self) -> dict[str, Any]:
+        return {"density": self.density, "mode": self.mode}

@@ -1,0 +1,484 @@
+"""The DDP communication hook: the one place that composes selection, error feedback and communication.
+
+Used like PyTorch's ``PowerSGDState`` / ``powerSGD_hook`` pair::
+
+    state = sparsedist.SparsifyState(ddp, "topk", density=0.01)
+    ddp.register_comm_hook(state, sparsedist.sparsify_hook)
+
+or in one line, ``state = sparsedist.register(ddp, "topk", density=0.01)``.
+
+The flow for one bucket (see ``DESIGN.md`` §1): flat gradient buffer -> per-parameter views -> add residual
+(compressor.accumulate) -> select (layer-wise, or across the whole bucket) -> residual keeps what was not
+sent -> wire encode -> collective sums across ranks -> decode into the bucket buffer -> divide by world
+size -> completed ``torch.futures.Future``.
+
+Sparse exchanges run synchronously in the hook body and return a completed future: nested waits inside a
+``Future.then()`` callback deadlock gloo once DDP has two or more buckets. Dense exchanges stay asynchronous
+(the callback only divides), so they overlap with the rest of the backward pass as in plain DDP.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from .collectives.allgather import scatter_add, sparse_allgather
+from .collectives.backend import Backend, TorchBackend, ring_allreduce_bytes
+from .collectives.dense import allreduce_mean_future
+from .collectives.wire import MAX_PACKED_NUMEL, decode, encode
+from .compressors.base import Compressor, SelectContext
+from .feedback import ErrorFeedback, accumulator_dtype
+from .payload import SparseGrad
+from .stats import Telemetry
+
+__all__ = ["SparsifyState", "sparsify_hook", "STATE_OPTIONS"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+#: Options of :class:`SparsifyState` (beside the compressor's own), with their meaning.
+STATE_OPTIONS = {
+    "process_group": "torch.distributed process group (default: the global group)",
+    "error_feedback": "keep what was not sent and add it to the next gradient (default True)",
+    "value_dtype": "dtype values travel in: None (the gradient's), 'float32', 'float16' or 'bfloat16'",
+    "granularity": "'layer' (select per parameter, default) or 'bucket' (select across the whole DDP bucket)",
+    "dense_below": "parameters with fewer elements than this are sent in full (default 0: compress all)",
+    "seed": "seed shared by all ranks, for shared-index randomness (default 0)",
+    "masks": "a model-sparsity mask provider (e.g. sparsedist.RigL) for mask-aware exchange",
+    "grad_scaler": "the torch.amp.GradScaler in use, so residuals are kept in unscaled units",
+    "optimizer": "the optimizer (required for DGC, to reject optimizers with their own momentum)",
+    "timeout": "seconds a collective may wait before raising an error naming the bucket (default: the "
+               "process group's timeout)",
+    "backend": "a sparsedist.collectives.Backend to communicate with (default: TorchBackend(process_group))",
+}
+
+
+class _Unit:
+    """One selection unit: a parameter (layer-wise) or a packed active set of a masked parameter."""
+
+    __slots__ = ("key", "acc", "offset", "index_map", "numel", "payload")
+
+    def __init__(self, key: int, acc: torch.Tensor, offset: int, index_map: torch.Tensor | None):
+        self.key = key
+        self.acc = acc
+        self.offset = offset
+        self.index_map = index_map
+        self.numel = acc.numel()
+        self.payload: SparseGrad | None = None
+
+    def bucket_indices(self, local: torch.Tensor) -> torch.Tensor:
+        idx = local.long()
+        if self.index_map is not None:
+            idx = self.index_map[idx]
+        return idx + self.offset
+
+
+class SparsifyState:
+    """State of :func:`sparsify_hook`: the compressor, error-feedback residuals, the communicator, telemetry.
+
+    Args:
+        model: the ``DistributedDataParallel`` model (or its module). Gives every parameter a stable key (its
+            position in ``named_parameters()``) and a name for :meth:`state_dict`. Keys, not DDP bucket indices,
+            identify state, since DDP rebuilds its buckets after the first iteration.
+        compressor: a :class:`~sparsedist.compressors.Compressor`, or None for dense exchange.
+        **options: see :data:`STATE_OPTIONS`.
+
+    The state pickles without its process group and communicator (as ``PowerSGDState`` does); after
+    unpickling, the default group is used.
+    """
+
+    def __init__(self, model: torch.nn.Module | None, compressor: Compressor | None, *,
+                 process_group: dist.ProcessGroup | None = None, error_feedback: bool = True,
+                 value_dtype: str | torch.dtype | None = None, granularity: str = "layer", dense_below: int = 0,
+                 seed: int = 0, masks: Any = None, grad_scaler: Any = None,
+                 optimizer: torch.optim.Optimizer | None = None, timeout: float | None = None,
+                 backend: Backend | None = None):
+        if compressor is not None and not isinstance(compressor, Compressor):
+            raise TypeError(f"compressor must be a sparsedist Compressor or None, got {type(compressor).__name__}; "
+                            f"use sparsedist.register(ddp, 'topk', ...) to build one by name")
+        if granularity not in ("layer", "bucket"):
+            raise ValueError(f"granularity must be 'layer' or 'bucket', got {granularity!r}")
+        if isinstance(dense_below, bool) or not isinstance(dense_below, int) or dense_below < 0:
+            raise ValueError(f"dense_below must be an int >= 0 (a number of elements), got {dense_below!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if not isinstance(error_feedback, bool):
+            raise TypeError(f"error_feedback must be True or False, got {error_feedback!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if masks is not None:
+            for attr in ("mask_of", "needs_dense_gradient"):
+                if not callable(getattr(masks, attr, None)):
+                    raise TypeError(f"masks must provide {attr}() (e.g. a sparsedist.RigL object), "
+                                    f"got {type(masks).__name__}")
+        self.compressor = compressor
+        self.process_group = process_group
+        self.value_dtype = _parse_dtype(value_dtype)
+        self.granularity = granularity
+        self.dense_below = dense_below
+        self.seed = seed
+        self.masks = masks
+        self.grad_scaler = grad_scaler
+        self.timeout = timeout
+        self.feedback = ErrorFeedback(enabled=error_feedback and compressor is not None)
+        self.telemetry = Telemetry()
+        self.step = 0
+        self._backend = backend
+        self._names: dict[int, tuple[int, str]] = {}
+        self._next_key = 0
+        self._active_cache: dict[int, tuple[int, torch.Tensor]] = {}
+        if model is not None:
+            module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+            for key, (name, param) in enumerate(module.named_parameters()):
+                if param.requires_grad and (param.dtype.is_complex or not param.dtype.is_floating_point):
+                    raise TypeError(f"parameter {name!r} has dtype {param.dtype}; sparsedist exchanges real "
+                                    f"floating-point gradients only (float32, float16, bfloat16, float64)")
+                self._names[id(param)] = (key, name)
+            self._next_key = len(self._names)
+        if compressor is not None and compressor.name == "dgc":
+            if optimizer is None:
+                raise ValueError("DGC applies momentum itself, so it needs the optimizer to check that the optimizer "
+                                 "has none: pass optimizer=your_optimizer (built with momentum=0)")
+            from .compressors.dgc import check_optimizer
+            check_optimizer(optimizer)
+            # Re-checked before every optimizer step, so momentum cannot be switched on later by mistake.
+            self._optimizer_hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: check_optimizer(opt))
+        if compressor is not None and compressor.needs_second_moment and getattr(self, "second_moment", None) is None:
+            self.second_moment = None  # set by sparsedist.register (module hooks); checked at the first step
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = TorchBackend(self.process_group, timeout=self.timeout)
+        return self._backend
+
+    @property
+    def world_size(self) -> int:
+        return self.backend.size
+
+    def _key(self, param: torch.Tensor) -> int:
+        entry = self._names.get(id(param))
+        if entry is None:  # no model given: keys in first-seen order (DDP visits buckets in the same order everywhere)
+            entry = (self._next_key, f"param{self._next_key}")
+            self._names[id(param)] = entry
+            self._next_key += 1
+        return entry[0]
+
+    def _loss_scale(self) -> float:
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            return 1.0
+        return float(self.grad_scaler.get_scale())
+
+    def _active_indices(self, key: int, mask: torch.Tensor) -> torch.Tensor:
+        version = getattr(self.masks, "mask_version", None)
+        cached = self._active_cache.get(key)
+        if cached is not None and version is not None and cached[0] == version:
+            return cached[1]
+        idx = mask.reshape(-1).nonzero().view(-1)
+        self._active_cache[key] = (version, idx)
+        return idx
+
+    # -- public --------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Telemetry of this rank; the keys are documented in :mod:`sparsedist.stats`."""
+        return self.telemetry.as_dict(self.feedback.norm())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume this rank exactly: step, residuals and compressor state (by parameter
+        name), telemetry. Residuals differ per rank: save one file per rank."""
+        names = {key: name for key, name in self._names.values()}
+        fb = self.feedback.state_dict()
+        comp = self.compressor.state_dict() if self.compressor is not None else {}
+        return {
+            "step": self.step,
+            "world_size": self.backend.size if self._backend is not None or dist.is_initialized() else None,
+            "feedback": {"enabled": fb["enabled"],
+                         "residuals": {names.get(k, f"param{k}"): v for k, v in fb["residuals"].items()}},
+            "compressor": _rename_keys(comp, names),
+            "compressor_options": self.compressor.options() if self.compressor is not None else None,
+            "telemetry": self.telemetry.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on the same parameters)."""
+        keys = {name: key for key, name in self._names.values()}
+        unknown = [n for n in state["feedback"]["residuals"] if n not in keys]
+        if unknown:
+            raise ValueError(f"state has residuals for parameters this model does not have: {unknown[:5]}; "
+                             f"load it into the model it was saved from")
+        self.step = int(state["step"])
+        self.feedback.load_state_dict({"enabled": state["feedback"]["enabled"],
+                                       "residuals": {keys[n]: v for n, v in state["feedback"]["residuals"].items()}})
+        if self.compressor is not None:
+            self.compressor.load_state_dict(_rename_keys(state.get("compressor", {}), keys))
+        self.telemetry.load_state_dict(state.get("telemetry", {}))
+
+    def __getstate__(self) -> dict[str, Any]:
+        s = self.__dict__.copy()
+        s["process_group"] = None
+        s["_backend"] = None
+        s.pop("_optimizer_hook", None)
+        s["grad_scaler"] = None
+        s["second_moment"] = None
+        s["masks"] = None
+        return s
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # -- the exchange ----------------------------------------------------------------------------------------
+    def exchange(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        """Average ``bucket``'s gradients across ranks; returns a future of the bucket buffer."""
+        buffer = bucket.buffer()
+        params = bucket.parameters()
+        dense_step = self.masks is not None and bool(self.masks.needs_dense_gradient())
+        if self.compressor is None and self.masks is None or (dense_step and not self.feedback.enabled):
+            return self._dense(bucket, buffer, "allreduce")
+        try:
+            out = self._sparse(bucket, buffer, params, dense_step)
+        except RuntimeError as exc:
+            raise RuntimeError(f"sparsedist: exchange of DDP bucket {bucket.index()} ({len(params)} parameters, "
+                               f"{buffer.numel()} elements) failed at step {self.step}: {exc}") from exc
+        fut: torch.futures.Future = (torch.futures.Future(devices=[buffer.device]) if buffer.device.type == "cuda"
+                                     else torch.futures.Future())
+        fut.set_result(out)
+        return fut
+
+    def _end_bucket(self, bucket: dist.GradBucket, overflow: bool = False) -> None:
+        if bucket.is_last():
+            self.telemetry.end_step(overflow)
+            self.step += 1
+
+    def _dense(self, bucket: dist.GradBucket, buffer: torch.Tensor, label: str) -> torch.futures.Future:
+        world = self.world_size
+        fut, nbytes = allreduce_mean_future(buffer, self.process_group, world)
+        self.telemetry.record_bucket(sent_bytes=nbytes, received_bytes=nbytes,
+                                     dense_bytes=ring_allreduce_bytes(buffer.numel(), buffer.element_size(), world),
+                                     elements_sent=buffer.numel(), elements_total=buffer.numel(), collective=label)
+        self._end_bucket(bucket)
+        return fut
+
+    def _sparse(self, bucket: dist.GradBucket, buffer: torch.Tensor, params: list[torch.Tensor],
+                dense_step: bool) -> torch.Tensor:
+        backend = self.backend
+        world = backend.size
+        scale = self._loss_scale()
+        finite = bool(torch.isfinite(buffer).all())
+        wire_dtype = self.value_dtype or buffer.dtype
+        base = buffer.data_ptr()
+        esize = buffer.element_size()
+        grads = [g.reshape(-1) for g in bucket.gradients()]
+        offsets = [(g.data_ptr() - base) // esize for g in grads]
+        keys = [self._key(p) for p in params]
+
+        if self.compressor is not None and self.compressor.needs_second_moment:
+            collector = getattr(self, "second_moment", None)
+            if collector is None:
+                raise ValueError("variance-based selection needs per-example gradient statistics, collected by "
+                                 "module hooks: build the hook with sparsedist.register(ddp, 'variance', ...), which "
+                                 "installs them, or set state.second_moment = SecondMomentCollector(model)")
+        units: list[_Unit] = []
+        sent_before = (backend.bytes_sent, backend.bytes_received)
+
+        # 1. accumulate (error feedback) and select, unless this rank's gradient is not finite.
+        if finite:
+            for p, g, off, key in zip(params, grads, offsets, keys):
+                mask = None if self.masks is None else self.masks.mask_of(p)
+                index_map = None
+                if mask is not None and not dense_step:
+                    index_map = self._active_indices(key, mask)
+                    g = g[index_map]
+                    residual = self.feedback.get(key, g, scale)
+                elif mask is not None:
+                    # RigL update step: the residual was kept on the active set only; spread it back out so
+                    # the dense exchange carries it (nothing is lost when the mask changes afterwards).
+                    active = self._active_indices(key, mask)
+                    packed_r = self.feedback.get(key, g.new_empty(active.numel()), scale)
+                    residual = None
+                    if packed_r is not None:
+                        residual = torch.zeros(g.numel(), dtype=packed_r.dtype, device=g.device)
+                        residual[active] = packed_r
+                else:
+                    residual = self.feedback.get(key, g, scale)
+                if self.compressor is None or dense_step:
+                    acc = g.to(accumulator_dtype(g.dtype)) if residual is None else residual + g
+                else:
+                    acc = self.compressor.accumulate(key, g, residual)
+                units.append(_Unit(key, acc, off, index_map))
+            self._select(units, params, dense_step)
+        elif self._shared_path(dense_step):
+            # Shared indices are known without the values: take part with zeros and raise the flag.
+            for p, g, off, key in zip(params, grads, offsets, keys):
+                mask = None if (self.masks is None or dense_step) else self.masks.mask_of(p)
+                index_map = self._active_indices(key, mask) if mask is not None else None
+                n = index_map.numel() if index_map is not None else g.numel()
+                units.append(_Unit(key, torch.zeros(n, dtype=accumulator_dtype(g.dtype), device=g.device),
+                                   off, index_map))
+            self._select(units, params, dense_step, state_free=True)
+
+        # 2. communicate.
+        out = torch.zeros(buffer.numel(), dtype=accumulator_dtype(buffer.dtype), device=buffer.device)
+        shared = self._shared_path(dense_step)
+        if shared:
+            collective = "allreduce" if dense_step else "values_allreduce"
+            idx = torch.cat([u.bucket_indices(u.payload.indices) for u in units]) if units else \
+                torch.empty(0, dtype=torch.int64, device=buffer.device)
+            vals = torch.cat([u.payload.values.to(wire_dtype) for u in units] +
+                             [torch.tensor([0.0 if finite else 1.0], dtype=wire_dtype, device=buffer.device)])
+            vals = backend.allreduce(vals)
+            any_bad = bool(vals[-1] != 0) or not bool(torch.isfinite(vals[:-1]).all())
+            scatter_add(out, idx, vals[:-1])
+            sent_units = units
+        else:
+            collective = "allgather"
+            constant = self._packed_constant(units, buffer.numel())
+            if finite:
+                idx = torch.cat([u.bucket_indices(u.payload.indices) for u in units])
+                vals = torch.cat([u.payload.values for u in units])
+                payload = encode(idx, vals, wire_dtype, constant)
+            else:
+                payload = torch.empty(0, dtype=torch.uint8, device=buffer.device)
+            received, flags = sparse_allgather(backend, payload, 0 if finite else 1)
+            any_bad = any(flags)
+            if not any_bad:
+                for buf in received:
+                    r_idx, r_vals = decode(buf, wire_dtype, constant)
+                    scatter_add(out, r_idx, r_vals)
+            sent_units = units
+        sent_b, recv_b = backend.bytes_sent - sent_before[0], backend.bytes_received - sent_before[1]
+
+        # 3. commit residuals and compressor state only if the step is good on every rank.
+        elements_sent = sum(u.payload.nnz for u in units) if finite else 0
+        if any_bad:
+            out.fill_(float("nan"))
+            if self.compressor is not None:
+                self.compressor.discard_pending()
+        else:
+            for u in sent_units:
+                sent = SparseGrad(u.payload.indices, u.payload.values.to(wire_dtype), u.numel)
+                self.feedback.update(u.key, u.acc, sent, scale)
+                if self.compressor is not None and not dense_step:
+                    self.compressor.after_send(u.key, u.payload)
+        out.div_(world)
+        buffer.copy_(out)
+        self.telemetry.record_bucket(sent_bytes=sent_b, received_bytes=recv_b,
+                                     dense_bytes=ring_allreduce_bytes(buffer.numel(), esize, world),
+                                     elements_sent=elements_sent, elements_total=buffer.numel(),
+                                     collective=collective)
+        self._end_bucket(bucket, overflow=any_bad)
+        return buffer
+
+    def _shared_path(self, dense_step: bool) -> bool:
+        return dense_step or self.compressor is None or self.compressor.shared_indices
+
+    def _packed_constant(self, units: list[_Unit], numel: int) -> float | None:
+        """The shared +/-constant if every payload of the bucket is Strom-quantised (4-byte packed wire format)."""
+        constants = {u.payload.constant for u in units if u.payload is not None}
+        if numel < MAX_PACKED_NUMEL and units and len(constants) == 1 and None not in constants:
+            return constants.pop()
+        # (A rank without payloads has a non-finite gradient: it sends nothing and no rank decodes this step.)
+        return None
+
+    def _select(self, units: list[_Unit], params: list[torch.Tensor], dense_step: bool,
+                state_free: bool = False) -> None:
+        """Fill ``unit.payload`` for every unit (indices local to the unit)."""
+        full = self.compressor is None or dense_step
+        world = self.world_size
+        rank = self.backend.rank
+
+        def ctx_for(key: int, moment: torch.Tensor | None = None) -> SelectContext:
+            return SelectContext(step=self.step, key=key, world_size=world, rank=rank, seed=self.seed,
+                                 second_moment=moment)
+
+        def everything(u: _Unit) -> SparseGrad:
+            return SparseGrad(torch.arange(u.numel, device=u.acc.device), u.acc, u.numel, shared_indices=True)
+
+        moments = [self._moment(p, u, state_free) for p, u in zip(params, units)]
+        if full:
+            for u in units:
+                u.payload = everything(u)
+            return
+        if self.granularity == "bucket":
+            big = [i for i, u in enumerate(units) if u.numel >= self.dense_below]
+            for i, u in enumerate(units):
+                if i not in big:
+                    u.payload = everything(u)
+            if big:
+                acc = torch.cat([units[i].acc for i in big])
+                moment = torch.cat([moments[i] for i in big]) if moments[big[0]] is not None else None
+                payload = self.compressor.compress(acc, ctx_for(units[big[0]].key, moment))
+                starts = torch.tensor([0] + [units[i].numel for i in big], device=acc.device).cumsum(0)
+                owner = torch.bucketize(payload.indices.long(), starts[1:], right=True)
+                for j, i in enumerate(big):
+                    sel = owner == j
+                    units[i].payload = SparseGrad(payload.indices[sel].long() - starts[j], payload.values[sel],
+                                                  units[i].numel, payload.shared_indices, payload.constant)
+            return
+        for u, moment in zip(units, moments):
+            if u.numel < self.dense_below:
+                u.payload = everything(u)
+            else:
+                u.payload = self.compressor.compress(u.acc, ctx_for(u.key, moment))
+
+    def _moment(self, param: torch.Tensor, unit: _Unit, state_free: bool) -> torch.Tensor | None:
+        collector = getattr(self, "second_moment", None)
+        if collector is None or self.compressor is None or not self.compressor.needs_second_moment:
+            return None
+        m = collector.pop(param)
+        if m is None:
+            raise ValueError(f"no per-example gradient statistics for parameter {self._name_of(param)!r}: "
+                             f"variance-based selection supports Linear, Conv and Embedding layers")
+        m = m.reshape(-1).to(unit.acc.device)
+        if unit.index_map is not None:
+            m = m[unit.index_map]
+        return m
+
+    def _name_of(self, param: torch.Tensor) -> str:
+        entry = self._names.get(id(param))
+        return entry[1] if entry else "<unknown>"
+
+
+def _rename_keys(state: dict[str, Any], mapping: dict) -> dict[str, Any]:
+    """Rename the integer parameter keys of a compressor's per-tensor state dicts (one level deep)."""
+    out: dict[str, Any] = {}
+    for field, value in state.items():
+        if isinstance(value, dict) and value and all(k in mapping for k in value):
+            out[field] = {mapping[k]: v for k, v in value.items()}
+        else:
+            out[field] = value
+    return out
+
+
+def _parse_dtype(value_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if value_dtype is None or isinstance(value_dtype, torch.dtype):
+        if isinstance(value_dtype, torch.dtype) and not value_dtype.is_floating_point:
+            raise ValueError(f"value_dtype must be a floating dtype, got {value_dtype}")
+        return value_dtype
+    if value_dtype not in _DTYPES:
+        raise ValueError(f"value_dtype must be one of {sorted(_DTYPES)} or a torch dtype, got {value_dtype!r}")
+    return _DTYPES[value_dtype]
+
+
+def sparsify_hook(state: SparsifyState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: sparsify, exchange and average one bucket.
+
+    Args:
+        state: a :class:`SparsifyState`.
+        bucket: the DDP ``GradBucket``; its buffer holds this rank's local gradient (not divided by world size).
+
+    Returns:
+        A future whose value is the bucket buffer (same shape and dtype) holding the gradient averaged over ranks.
+    """
+    return state.exchange(bucket)
+
+
+# DDP compares the hook's annotations with the real objects, so they must not stay strings
+# (this module uses postponed evaluation of annotations).
+sparsify_hook.__annotations__.update(bucket=dist.GradBucket, state=SparsifyState,
+                                     **{"return": torch.futures.Future[torch.Tensor]})

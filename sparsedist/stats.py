@@ -1,0 +1,90 @@
+"""Telemetry of a sparsifying hook: what went through the collectives, and what dense DDP would have sent.
+
+The keys of :meth:`Telemetry.as_dict` are public API:
+
+``steps``
+    number of completed gradient exchanges (optimizer steps that communicated; ``no_sync`` steps excluded).
+``bytes_sent`` / ``bytes_received``
+    cumulative bytes this rank put on / took off the wire in collectives, counted with the cost of the
+    algorithm each primitive uses (ring allreduce ``2(P-1)/P * n * b`` each way; allgather ``(P-1)`` padded
+    blocks each way), headers and padding included.
+``bytes_dense``
+    cumulative bytes this rank would have sent with a dense ring allreduce of the same gradients in their own
+    dtype, ``2(P-1)/P * n * element_size``.
+``compression_ratio``
+    ``bytes_dense / bytes_sent`` (inf when nothing was sent).
+``density``
+    fraction of gradient elements this rank sent, mean over steps.
+``last_density``
+    the same, for the last step only.
+``residual_norm``
+    L2 norm of all error-feedback residuals of this rank (unscaled units), computed when asked.
+``overflow_steps``
+    steps on which some rank had a non-finite gradient (the result was NaN, residuals untouched).
+``collectives``
+    how many times each exchange path was used, e.g. ``{"allgather": 120, "allreduce": 3}``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+__all__ = ["Telemetry"]
+
+
+class Telemetry:
+    """Counters accumulated by the hook, per rank."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.bytes_dense = 0
+        self.overflow_steps = 0
+        self.density_sum = 0.0
+        self.last_density = 0.0
+        self.collectives: Counter[str] = Counter()
+        self._step_sent = 0
+        self._step_total = 0
+
+    def record_bucket(self, *, sent_bytes: int, received_bytes: int, dense_bytes: int, elements_sent: int,
+                      elements_total: int, collective: str) -> None:
+        self.bytes_sent += int(sent_bytes)
+        self.bytes_received += int(received_bytes)
+        self.bytes_dense += int(dense_bytes)
+        self._step_sent += int(elements_sent)
+        self._step_total += int(elements_total)
+        self.collectives[collective] += 1
+
+    def end_step(self, overflow: bool = False) -> None:
+        self.last_density = self._step_sent / self._step_total if self._step_total else 0.0
+        self.density_sum += self.last_density
+        self.steps += 1
+        self.overflow_steps += int(overflow)
+        self._step_sent = self._step_total = 0
+
+    def as_dict(self, residual_norm: float) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "bytes_dense": self.bytes_dense,
+            "compression_ratio": (self.bytes_dense / self.bytes_sent) if self.bytes_sent else float("inf"),
+            "density": self.density_sum / self.steps if self.steps else 0.0,
+            "last_density": self.last_density,
+            "residual_norm": residual_norm,
+            "overflow_steps": self.overflow_steps,
+            "collectives": dict(self.collectives),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, Counter) else v) for k, v in self.__dict__.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        for k, v in state.items():
+            setattr(self, k, Counter(v) if k == "collectives" else v)
