@@ -15,18 +15,18 @@ def allreduce_mean_future(tensor: torch.Tensor, group: dist.ProcessGroup | None,
                           world_size: int) -> tuple[torch.futures.Future, int]:
     """Start an asynchronous allreduce of ``tensor`` and return ``(future of the mean, bytes sent)``.
 
-    The future's callback only divides (no second collective), which is safe on gloo and NCCL alike.
+    The future's callback does no communication (a nested wait would deadlock gloo).
     """
     if world_size == 1:
         fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(tensor)
         return fut, 0
+    # Scale by 1/P first, exactly as DDP's built-in reducer does, so the result is bit-identical to plain DDP
+    # (PyTorch's own allreduce_hook divides instead and differs in the last bit at P = 3).
+    tensor.mul_(1.0 / world_size)
     work = dist.all_reduce(tensor, group=group, async_op=True)
-
-    def _mean(f: torch.futures.Future) -> torch.Tensor:
-        return f.value()[0].div_(world_size)
-
-    return work.get_future().then(_mean), ring_allreduce_bytes(tensor.numel(), tensor.element_size(), world_size)
+    fut = work.get_future().then(lambda f: f.value()[0])
+    return fut, ring_allreduce_bytes(tensor.numel(), tensor.element_size(), world_size)
 
 
 def values_allreduce(backend: Backend, values: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ def decode(buf: torch.Tensor, value_dtype: torch.dtype,
     """Inverse of :func:`encode`: returns ``(indices int64, values value_dtype)``."""
     buf = buf.contiguous() if buf.storage_offset() % 8 == 0 else buf.clone()
     if constant is not None:
-        word = buf.view(torch.int32).to(torch.int64)
+        word = buf.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # undo sign extension of bit 31
         idx = word >> 1
         values = torch.full((idx.numel(),), constant, dtype=value_dtype, device=buf.device)
         values[(word & 1).bool()] = -constant

@@ -1,0 +1,205 @@
+"""Selection rules against direct references (no communication)."""
+
+import math
+
+import pytest
+import torch
+
+from sparsedist.compressors import (COMPRESSORS, DGCCompressor, RandKCompressor, ThresholdCompressor,
+                                    TopKCompressor, WangniCompressor, build_compressor)
+from sparsedist.compressors.base import SelectContext, count_for_density
+from sparsedist.compressors.dgc import check_optimizer
+from sparsedist.compressors.randk import shared_random_indices, wangni_probabilities
+from sparsedist.compressors.topk import sampled_topk_indices
+
+
+def ctx(step=0, key=0, rank=0, world_size=1):
+    return SelectContext(step=step, key=key, rank=rank, world_size=world_size)
+
+
+def test_count_for_density_is_ceil_and_at_least_one():
+    assert count_for_density(1000, 0.01) == 10
+    assert count_for_density(1001, 0.01) == 11
+    assert count_for_density(5, 0.01) == 1
+    assert count_for_density(0, 0.5) == 0
+    assert count_for_density(7, 1.0) == 7
+
+
+def test_topk_exact_selects_largest_magnitudes():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1000, generator=g)
+    p = TopKCompressor(density=0.02).compress(x, ctx())
+    assert p.nnz == 20
+    expected = set(torch.argsort(x.abs(), descending=True)[:20].tolist())
+    assert set(p.indices.tolist()) == expected
+    torch.testing.assert_close(p.values, x[p.indices])
+
+
+def test_topk_sampled_is_within_half_and_k_and_keeps_the_largest():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200_000, generator=g)
+    k = 2000
+    idx = sampled_topk_indices(x, k, sample_ratio=0.01, generator=torch.Generator().manual_seed(0))
+    assert k // 2 <= idx.numel() <= k
+    assert idx.unique().numel() == idx.numel()
+    # every selected entry is at least as large as every entry left out among the true top-(k/2)
+    chosen = x.abs()[idx]
+    true_top = torch.topk(x.abs(), k // 2).values
+    assert chosen.min() >= true_top.min() * 0.9
+
+
+def test_threshold_strom_sends_plus_minus_tau():
+    x = torch.tensor([0.5, -0.05, -2.0, 0.09, 0.11, 0.0])
+    p = ThresholdCompressor(threshold=0.1).compress(x, ctx())
+    assert p.indices.tolist() == [0, 2, 4]
+    assert p.values.tolist() == pytest.approx([0.1, -0.1, 0.1])
+    assert p.constant == pytest.approx(0.1)
+    exact = ThresholdCompressor(threshold=0.1, quantize=False).compress(x, ctx())
+    torch.testing.assert_close(exact.values, x[[0, 2, 4]])
+    assert exact.constant is None
+
+
+def test_threshold_can_select_nothing():
+    p = ThresholdCompressor(threshold=10.0).compress(torch.randn(100), ctx())
+    assert p.nnz == 0
+
+
+def test_randk_uniform_indices_shared_and_step_keyed():
+    a = shared_random_indices(10_000, 100, seed=3, step=5, key=2)
+    b = shared_random_indices(10_000, 100, seed=3, step=5, key=2)
+    c = shared_random_indices(10_000, 100, seed=3, step=6, key=2)
+    d = shared_random_indices(10_000, 100, seed=3, step=5, key=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+    assert a.unique().numel() == 100
+    x = torch.randn(10_000)
+    p = RandKCompressor(0.01).compress(x, ctx(step=5, key=2))
+    assert p.shared_indices and p.nnz == 100
+    torch.testing.assert_close(p.values, x[p.indices])  # no rescaling (Stich et al. 2018)
+
+
+def test_wangni_probabilities_sum_to_k_and_are_capped():
+    mag = torch.tensor([100.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    p = wangni_probabilities(mag, 3)
+    assert p[0] == 1.0 and p[-1] == 0.0
+    assert float(p.sum()) == pytest.approx(3.0)
+    torch.testing.assert_close(p[1:5], torch.full((4,), 0.5))
+    assert float(wangni_probabilities(torch.zeros(4), 2).sum()) == 0.0
+
+
+def test_wangni_is_unbiased():
+    torch.manual_seed(0)
+    x = torch.randn(50)
+    comp = WangniCompressor(density=0.2)
+    total = torch.zeros(50)
+    trials = 4000
+    for t in range(trials):
+        total += comp.compress(x, ctx(step=t)).to_dense()
+    torch.testing.assert_close(total / trials, x, atol=0.15, rtol=0.0)
+
+
+def _dgc_reference(grads, density, m):
+    """Literal DGC (Lin et al. 2018, Alg. 1 + momentum factor masking) with exact top-k."""
+    u = torch.zeros_like(grads[0])
+    v = torch.zeros_like(grads[0])
+    sent = []
+    for g in grads:
+        u = m * u + g
+        v = v + u
+        k = count_for_density(g.numel(), density)
+        idx = torch.topk(v.abs(), k).indices
+        out = torch.zeros_like(v)
+        out[idx] = v[idx]
+        sent.append(out)
+        v[idx] = 0
+        u[idx] = 0
+    return sent, v
+
+
+def test_dgc_matches_reference_momentum_correction_and_masking():
+    torch.manual_seed(0)
+    grads = [torch.randn(500) for _ in range(6)]
+    ref_sent, ref_v = _dgc_reference(grads, 0.02, 0.9)
+    comp = DGCCompressor(density=0.02, momentum=0.9, sample_ratio=1.0)
+    residual = torch.zeros(500)
+    for t, g in enumerate(grads):
+        acc = comp.accumulate(0, g, residual)
+        p = comp.compress(acc, ctx(step=t))
+        residual = acc.clone()
+        residual[p.indices] -= p.values
+        comp.after_send(0, p)
+        torch.testing.assert_close(p.to_dense(), ref_sent[t])
+    torch.testing.assert_close(residual, ref_v)
+
+
+def test_dgc_abandoned_step_leaves_momentum_unchanged():
+    comp = DGCCompressor(density=0.1, momentum=0.9, sample_ratio=1.0)
+    g = torch.randn(100)
+    comp.after_send(0, comp.compress(comp.accumulate(0, g, torch.zeros(100)), ctx()))
+    before = comp.state_dict()["momentum"][0].clone()
+    comp.accumulate(0, torch.randn(100), torch.zeros(100))
+    comp.discard_pending()
+    torch.testing.assert_close(comp.state_dict()["momentum"][0], before)
+
+
+def test_dgc_warmup_is_the_papers_exponential_schedule():
+    comp = DGCCompressor(density=0.001, warmup_steps=400, warmup_stages=4)
+    got = [comp.density_at(s) for s in (0, 100, 200, 300, 400, 10_000)]
+    expected = [0.001 ** (1 / 5), 0.001 ** (2 / 5), 0.001 ** (3 / 5), 0.001 ** (4 / 5), 0.001, 0.001]
+    assert got == pytest.approx(expected)
+    assert got[0] == pytest.approx(0.251, abs=1e-3) and got[3] == pytest.approx(0.00398, abs=1e-5)
+
+
+def test_dgc_local_clipping_scales_with_world_size():
+    comp = DGCCompressor(density=1.0, momentum=0.0, clip_norm=1.0, sample_ratio=1.0)
+    comp.set_world_size(4)
+    acc = comp.accumulate(0, torch.full((4,), 10.0), torch.zeros(4))
+    assert float(acc.norm()) == pytest.approx(0.5, rel=1e-4)  # 1.0 * 4 ** -0.5
+
+
+def test_dgc_rejects_optimizers_with_momentum():
+    w = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="momentum=0.9"):
+        check_optimizer(torch.optim.SGD([w], lr=0.1, momentum=0.9))
+    with pytest.raises(ValueError, match="betas"):
+        check_optimizer(torch.optim.Adam([w]))
+    check_optimizer(torch.optim.SGD([w], lr=0.1))
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), "0.1", True, None])
+def test_bad_density_is_rejected_with_its_name(bad):
+    with pytest.raises((TypeError, ValueError), match="density"):
+        TopKCompressor(density=bad)
+
+
+def test_bad_threshold_and_names():
+    with pytest.raises(ValueError, match="threshold"):
+        ThresholdCompressor(threshold=-1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        ThresholdCompressor(threshold=0.0)
+    with pytest.raises(ValueError, match="valid names"):
+        build_compressor("topkk")
+    with pytest.raises(ValueError, match="desnity"):
+        build_compressor("topk", desnity=0.1)
+    with pytest.raises(ValueError, match="variant"):
+        build_compressor("randk", variant="gaussian")
+    assert set(COMPRESSORS) >= {"none", "topk", "threshold", "randk", "variance", "dgc"}
+
+
+def test_error_feedback_conserves_gradient_mass():
+    """sent + residual = raw sum, step after step (topk, threshold, wangni)."""
+    from sparsedist.feedback import ErrorFeedback
+
+    torch.manual_seed(0)
+    for comp in (TopKCompressor(0.05), ThresholdCompressor(0.5), WangniCompressor(0.1)):
+        fb = ErrorFeedback()
+        raw = torch.zeros(300)
+        sent_total = torch.zeros(300)
+        for t in range(8):
+            g = torch.randn(300)
+            raw += g
+            acc = comp.accumulate(0, g, fb.get(0, g))
+            p = comp.compress(acc, ctx(step=t))
+            sent_total += p.to_dense()
+            fb.update(0, acc, p)
+        torch.testing.assert_close(sent_total + fb.residuals[0], raw, atol=1e-4, rtol=1e-5)
