@@ -7,14 +7,18 @@ The public API is small:
   ``powerSGD_hook`` pair with ``ddp.register_comm_hook``;
 * :mod:`sparsedist.compressors` — the selection rules (top-k, threshold, rand-k, variance-based, DGC);
 * :mod:`sparsedist.collectives` — sparse collectives over torch.distributed or MPI;
-* :class:`SparseGrad` — the payload type compressors produce and collectives consume.
+* :class:`SparseGrad` — the payload type compressors produce and collectives consume;
+* :mod:`sparsedist.checkpoint` — sharded checkpoints of model, optimizer, hook and sparsity state;
+* :mod:`sparsedist.dist` — process-group set-up from torchrun, SLURM or MPI environment variables;
+* :mod:`sparsedist.guard` — cross-rank consistency checks.
 """
 
-from . import compressors
+from . import checkpoint, collectives, compressors, dist, guard
 from .hook import SparsifyState, sparsify_hook
 from .payload import SparseGrad
 from .register import register
 
 __version__ = "0.1.0"
 
-__all__ = ["register", "SparsifyState", "sparsify_hook", "SparseGrad", "compressors", "__version__"]
+__all__ = ["register", "SparsifyState", "sparsify_hook", "SparseGrad", "compressors", "collectives", "checkpoint",
+           "dist", "guard", "__version__"]

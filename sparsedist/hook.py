@@ -20,6 +20,7 @@ Sparse exchanges run synchronously in the hook body and return a completed futur
 from __future__ import annotations
 
 import math
+import warnings
 from datetime import timedelta
 from typing import Any, Callable, Iterable
 
@@ -54,6 +55,7 @@ STATE_OPTIONS = {
     "timeout": "seconds a collective may wait before raising an error naming the bucket (default: the "
                "process group's timeout)",
     "backend": "a sparsedist.collectives.Backend to communicate with (default: TorchBackend(process_group))",
+    "check_every": "every N steps, verify that all ranks hold bit-identical parameters (0: never; default 0)",
 }
 
 
@@ -96,7 +98,7 @@ class SparsifyState:
                  value_dtype: str | torch.dtype | None = None, granularity: str = "layer", dense_below: int = 0,
                  seed: int = 0, masks: Any = None, grad_scaler: Any = None,
                  optimizer: torch.optim.Optimizer | None = None, timeout: float | None = None,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, check_every: int = 0):
         if compressor is not None and not isinstance(compressor, Compressor):
             raise TypeError(f"compressor must be a sparsedist Compressor or None, got {type(compressor).__name__}; "
                             f"use sparsedist.register(ddp, 'topk', ...) to build one by name")
@@ -111,6 +113,8 @@ class SparsifyState:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not math.isfinite(timeout) or timeout <= 0):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every must be an int >= 0 (steps between parameter checks), got {check_every!r}")
         if masks is not None:
             for attr in ("mask_of", "needs_dense_gradient"):
                 if not callable(getattr(masks, attr, None)):
@@ -128,12 +132,17 @@ class SparsifyState:
         self.feedback = ErrorFeedback(enabled=error_feedback and compressor is not None)
         self.telemetry = Telemetry()
         self.step = 0
+        self.check_every = check_every
+        self._verified = False
+        self._in_step = False
+        self._module = None
         self._backend = backend
         self._names: dict[int, tuple[int, str]] = {}
         self._next_key = 0
         self._active_cache: dict[int, tuple[int, torch.Tensor]] = {}
         if model is not None:
             module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+            self._module = module
             for key, (name, param) in enumerate(module.named_parameters()):
                 if param.requires_grad and (param.dtype.is_complex or not param.dtype.is_floating_point):
                     raise TypeError(f"parameter {name!r} has dtype {param.dtype}; sparsedist exchanges real "
@@ -148,8 +157,35 @@ class SparsifyState:
             check_optimizer(optimizer)
             # Re-checked before every optimizer step, so momentum cannot be switched on later by mistake.
             self._optimizer_hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: check_optimizer(opt))
-        if compressor is not None and compressor.needs_second_moment and getattr(self, "second_moment", None) is None:
-            self.second_moment = None  # set by sparsedist.register (module hooks); checked at the first step
+        self.second_moment = None
+        self._full_keys: set[int] = set()
+        if compressor is not None and compressor.needs_second_moment:
+            if granularity != "layer":
+                raise ValueError(f"{compressor.name} selection keeps per-element state per parameter; use "
+                                 f"granularity='layer' (the rule is element-wise, so nothing is lost)")
+            if not self.feedback.enabled:
+                raise ValueError(f"{compressor.name} selection delays elements until they are unambiguous: the "
+                                 f"delayed part lives in the error-feedback residual, so error_feedback must be True")
+            if model is None:
+                raise ValueError(f"{compressor.name} selection needs per-example gradient statistics, which "
+                                 f"sparsedist collects with module hooks on the model: pass the model, "
+                                 f"SparsifyState(ddp, compressor, ...)")
+            from .second_moment import SecondMomentCollector
+
+            module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+            self.second_moment = SecondMomentCollector(module)
+            uncovered = [(n, p) for n, p in module.named_parameters()
+                         if p.requires_grad and not self.second_moment.covers(p)]
+            if len(uncovered) == sum(p.requires_grad for p in module.parameters()):
+                self.second_moment.remove()
+                raise ValueError(f"{compressor.name} selection needs per-example gradient statistics, which "
+                                 f"sparsedist computes for Linear, Conv and Embedding layers; this model has none "
+                                 f"({type(module).__name__}). Choose another compressor, e.g. 'topk'")
+            if uncovered:
+                warnings.warn(f"{compressor.name} selection: no per-example statistics for "
+                              f"{[n for n, _ in uncovered]} (not Linear/Conv/Embedding); these are sent in full",
+                              stacklevel=3)
+                self._full_keys = {self._names[id(p)][0] for _, p in uncovered}
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     @property
@@ -227,6 +263,7 @@ class SparsifyState:
         s["grad_scaler"] = None
         s["second_moment"] = None
         s["masks"] = None
+        s["_module"] = None
         return s
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -237,11 +274,23 @@ class SparsifyState:
         """Average ``bucket``'s gradients across ranks; returns a future of the bucket buffer."""
         buffer = bucket.buffer()
         params = bucket.parameters()
+        if not self._in_step:  # first bucket of a step
+            self._in_step = True
+            if not self._verified:
+                self._verify_configuration(buffer)
+            if self.check_every and self.step and self.step % self.check_every == 0 and self._module is not None:
+                from .guard import check_parameters
+
+                check_parameters(self._module, self.backend)
         dense_step = self.masks is not None and bool(self.masks.needs_dense_gradient())
-        if self.compressor is None and self.masks is None or (dense_step and not self.feedback.enabled):
+        dense = self.compressor is None and self.masks is None or (dense_step and not self.feedback.enabled)
+        if dense and self.timeout is None:
             return self._dense(bucket, buffer, "allreduce")
         try:
-            out = self._sparse(bucket, buffer, params, dense_step)
+            if dense:
+                out = self._dense_sync(bucket, buffer)
+            else:
+                out = self._sparse(bucket, buffer, params, dense_step)
         except RuntimeError as exc:
             raise RuntimeError(f"sparsedist: exchange of DDP bucket {bucket.index()} ({len(params)} parameters, "
                                f"{buffer.numel()} elements) failed at step {self.step}: {exc}") from exc
@@ -250,8 +299,53 @@ class SparsifyState:
         fut.set_result(out)
         return fut
 
+    def _config(self, buffer: torch.Tensor) -> dict[str, Any]:
+        return {
+            "compressor": None if self.compressor is None else self.compressor.name,
+            "compressor options": None if self.compressor is None else self.compressor.options(),
+            "error_feedback": self.feedback.enabled,
+            "value_dtype": str(self.value_dtype),
+            "granularity": self.granularity,
+            "dense_below": self.dense_below,
+            "seed": self.seed,
+            "masks (mask-aware exchange)": self.masks is not None,
+            "first bucket (elements, dtype)": [buffer.numel(), str(buffer.dtype)],
+        }
+
+    def _verify_configuration(self, buffer: torch.Tensor) -> None:
+        """Compare the configuration across ranks once, at the first exchange; raise on every rank if it differs."""
+        from .guard import fingerprint
+
+        config = self._config(buffer)
+        local = fingerprint(config).to(buffer.device)
+        rows = self.backend.allgather(local).cpu()
+        self._verified = True
+        keys = sorted(config)
+        for i, key in enumerate(keys):
+            differ = [r for r in range(rows.shape[0]) if rows[r, i] != rows[0, i]]
+            if differ:
+                raise ValueError(f"sparsedist: the hook is configured differently across ranks: {key!r} on rank "
+                                 f"{self.backend.rank} is {config[key]!r} and differs between rank 0 and rank(s) "
+                                 f"{differ}. Every rank must call register() with the same compressor and options")
+
+    def _dense_sync(self, bucket: dist.GradBucket, buffer: torch.Tensor) -> torch.Tensor:
+        """Dense allreduce through the backend (bounded by the state's timeout); same arithmetic as DDP's."""
+        backend = self.backend
+        before = (backend.bytes_sent, backend.bytes_received)
+        buffer.mul_(1.0 / backend.size)
+        backend.allreduce(buffer)
+        self.telemetry.record_bucket(sent_bytes=backend.bytes_sent - before[0],
+                                     received_bytes=backend.bytes_received - before[1],
+                                     dense_bytes=ring_allreduce_bytes(buffer.numel(), buffer.element_size(),
+                                                                      backend.size),
+                                     elements_sent=buffer.numel(), elements_total=buffer.numel(),
+                                     collective="allreduce")
+        self._end_bucket(bucket)
+        return buffer
+
     def _end_bucket(self, bucket: dist.GradBucket, overflow: bool = False) -> None:
         if bucket.is_last():
+            self._in_step = False
             self.telemetry.end_step(overflow)
             self.step += 1
 
@@ -277,12 +371,6 @@ class SparsifyState:
         offsets = [(g.data_ptr() - base) // esize for g in grads]
         keys = [self._key(p) for p in params]
 
-        if self.compressor is not None and self.compressor.needs_second_moment:
-            collector = getattr(self, "second_moment", None)
-            if collector is None:
-                raise ValueError("variance-based selection needs per-example gradient statistics, collected by "
-                                 "module hooks: build the hook with sparsedist.register(ddp, 'variance', ...), which "
-                                 "installs them, or set state.second_moment = SecondMomentCollector(model)")
         units: list[_Unit] = []
         sent_before = (backend.bytes_sent, backend.bytes_received)
 
@@ -392,9 +480,11 @@ class SparsifyState:
         world = self.world_size
         rank = self.backend.rank
 
+        scale = self._loss_scale()
+
         def ctx_for(key: int, moment: torch.Tensor | None = None) -> SelectContext:
             return SelectContext(step=self.step, key=key, world_size=world, rank=rank, seed=self.seed,
-                                 second_moment=moment)
+                                 second_moment=moment, extra={"loss_scale": scale})
 
         def everything(u: _Unit) -> SparseGrad:
             return SparseGrad(torch.arange(u.numel, device=u.acc.device), u.acc, u.numel, shared_indices=True)
@@ -405,7 +495,7 @@ class SparsifyState:
                 u.payload = everything(u)
             return
         if self.granularity == "bucket":
-            big = [i for i, u in enumerate(units) if u.numel >= self.dense_below]
+            big = [i for i, u in enumerate(units) if u.numel >= self.dense_below and u.key not in self._full_keys]
             for i, u in enumerate(units):
                 if i not in big:
                     u.payload = everything(u)
@@ -421,14 +511,16 @@ class SparsifyState:
                                                   units[i].numel, payload.shared_indices, payload.constant)
             return
         for u, moment in zip(units, moments):
-            if u.numel < self.dense_below:
+            if u.numel < self.dense_below or u.key in self._full_keys:
                 u.payload = everything(u)
             else:
                 u.payload = self.compressor.compress(u.acc, ctx_for(u.key, moment))
 
     def _moment(self, param: torch.Tensor, unit: _Unit, state_free: bool) -> torch.Tensor | None:
-        collector = getattr(self, "second_moment", None)
+        collector = self.second_moment
         if collector is None or self.compressor is None or not self.compressor.needs_second_moment:
+            return None
+        if unit.key in self._full_keys:
             return None
         m = collector.pop(param)
         if m is None:

@@ -60,9 +60,5 @@ def register(model: torch.nn.parallel.DistributedDataParallel, compressor: str |
     state = SparsifyState(model, comp, **state_opts)
     if comp is not None and hasattr(comp, "set_world_size"):
         comp.set_world_size(state.world_size)
-    if comp is not None and comp.needs_second_moment:
-        from .second_moment import SecondMomentCollector
-
-        state.second_moment = SecondMomentCollector(model.module)
     model.register_comm_hook(state, sparsify_hook)
     return state
