@@ -58,7 +58,10 @@ class ErrorFeedback:
         if not self.enabled:
             return
         if sent.nnz:
-            acc.index_add_(0, sent.indices.long(), sent.values.to(acc.dtype), alpha=-1)
+            values = sent.values.to(acc.dtype)
+            if values.untyped_storage().data_ptr() == acc.untyped_storage().data_ptr():
+                values = values.clone()  # e.g. a tensor sent in full: its payload *is* the accumulator
+            acc.index_add_(0, sent.indices.long(), values, alpha=-1)
         if scale != 1.0:
             acc.div_(scale)
         self.residuals[key] = acc

@@ -1,0 +1,410 @@
+"""Process-group set-up from whatever launched this process: torchrun, SLURM's srun, or an MPI launcher.
+
+One call, the same in every script::
+
+    rank, world_size, local_rank = sparsedist.dist.init()
+
+:func:`init` reads the launcher's environment variables (see :func:`detect`), chooses the backend (``nccl``
+when CUDA is usable, ``gloo`` otherwise), selects the local GPU, and calls
+``torch.distributed.init_process_group``. Calling it again once initialised returns the same triple.
+
+Launchers are recognised in this order (the first whose variables are present wins):
+
+==========  =====================================================  ==========================================
+launcher    rank / world size / local rank                         rendezvous address
+==========  =====================================================  ==========================================
+torchrun    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``               ``MASTER_ADDR``, ``MASTER_PORT`` (required)
+openmpi     ``OMPI_COMM_WORLD_RANK``/``_SIZE``/``_LOCAL_RANK``     ``MASTER_ADDR``/``MASTER_PORT`` if set, else
+mpich       ``PMI_RANK``, ``PMI_SIZE``, ``MPI_LOCALRANKID``        rank 0 opens a store and broadcasts its
+pmix        ``PMIX_RANK`` (size from SLURM or mpi4py)              address and port with mpi4py
+slurm       ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``  ``MASTER_ADDR`` if set, else the first host
+            (inside an srun step: ``SLURM_STEP_ID`` is set)
+                                                                   of ``SLURM_STEP_NODELIST`` (or
+                                                                   ``SLURM_JOB_NODELIST``); ``MASTER_PORT`` if
+                                                                   set, else :func:`slurm_port` of the job id
+==========  =====================================================  ==========================================
+
+MPI variables win over SLURM's because ``mpirun`` inside an ``sbatch`` script inherits the batch step's
+``SLURM_PROCID=0``. The parsing is pure (:func:`detect` takes the environment as a mapping) and
+:func:`expand_hostlist` expands SLURM's compressed host lists (``node[01-03,07]``) without ``scontrol``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init", "detect", "LaunchEnv", "DistInfo", "expand_hostlist", "slurm_port", "default_backend"]
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class DistInfo(NamedTuple):
+    """What :func:`init` returns: this process's global rank, the world size, and its rank on this node."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What :func:`detect` read from the environment.
+
+    Attributes:
+        launcher: ``"torchrun"``, ``"openmpi"``, ``"mpich"``, ``"pmix"`` or ``"slurm"``.
+        rank: global rank.
+        world_size: number of processes; ``None`` only for a bare PMIx launch, where :func:`init` asks mpi4py.
+        local_rank: rank among the processes on this node (selects the GPU).
+        master_addr: rendezvous host, or ``None`` when it must be agreed over MPI.
+        master_port: rendezvous TCP port, or ``None`` when it must be agreed over MPI.
+    """
+
+    launcher: str
+    rank: int
+    world_size: int | None
+    local_rank: int
+    master_addr: str | None
+    master_port: int | None
+
+
+# -- pure parsing ----------------------------------------------------------------------------------------
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError(f"nested brackets in SLURM host list {text!r}")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in SLURM host list {text!r}")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in SLURM host list {text!r}")
+    parts.append("".join(cur))
+    return parts
+
+
+def _expand_range_set(body: str, whole: str) -> list[str]:
+    out: list[str] = []
+    for item in body.split(","):
+        item = item.strip()
+        if re.fullmatch(r"\d+", item):
+            out.append(item)
+            continue
+        m = re.fullmatch(r"(\d+)-(\d+)", item)
+        if not m:
+            raise ValueError(f"bad range {item!r} in SLURM host list {whole!r} (expected N or N-M)")
+        lo, hi = m.group(1), m.group(2)
+        if int(hi) < int(lo):
+            raise ValueError(f"descending range {item!r} in SLURM host list {whole!r}")
+        width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
+        out.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
+    return out
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Expand a SLURM compressed host list into host names, in order.
+
+    ``"node[01-03,07]"`` -> ``["node01", "node02", "node03", "node07"]``; ``"a1,b[1-2]"`` -> ``["a1", "b1",
+    "b2"]``; several bracket groups in one name expand as a product (``"r[1-2]n[1-2]"`` -> ``r1n1, r1n2, r2n1,
+    r2n2``). Zero padding is kept. Raises ``ValueError`` on an empty or malformed list.
+    """
+    if not isinstance(hostlist, str) or not hostlist.strip():
+        raise ValueError(f"empty SLURM host list {hostlist!r}")
+    hosts: list[str] = []
+    for part in _split_top_level(hostlist.strip()):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"empty host name in SLURM host list {hostlist!r}")
+        names = [""]
+        for literal, body in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", part):
+            if body:
+                names = [n + literal + x for n in names for x in _expand_range_set(body, hostlist)]
+            elif literal:
+                names = [n + literal for n in names]
+        hosts.extend(names)
+    return hosts
+
+
+def slurm_port(job_id: int | str, step_id: int | str | None = None, base: int = 12000, span: int = 20000) -> int:
+    """A rendezvous port derived from the SLURM job (and step) id, in ``[base, base + span)``.
+
+    Every task of a step computes the same port without talking to the others; different jobs sharing a node
+    get different ports unless their ids collide modulo ``span``. The default range stays below Linux's
+    ephemeral ports (32768+). Set ``MASTER_PORT`` to override.
+    """
+    try:
+        job = int(job_id)
+    except (TypeError, ValueError):
+        raise ValueError(f"SLURM job id must be an integer, got {job_id!r}") from None
+    step = 0
+    if step_id not in (None, ""):
+        try:
+            step = int(step_id)
+        except (TypeError, ValueError):
+            step = 0  # "batch", "extern", "interactive": not a numbered step
+    return base + (job + 7919 * step) % span
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    value = env[key]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def _opt_int(env: Mapping[str, str], *keys: str) -> int | None:
+    for k in keys:
+        if env.get(k, "") != "":
+            return _int(env, k)
+    return None
+
+
+def _master(env: Mapping[str, str]) -> tuple[str | None, int | None]:
+    addr = env.get("MASTER_ADDR") or None
+    port = _opt_int(env, "MASTER_PORT")
+    return addr, port
+
+
+def detect(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
+    """Read rank, world size, local rank and rendezvous address from launcher variables.
+
+    Args:
+        environ: the environment to read (default ``os.environ``); a plain dict in tests.
+
+    Returns:
+        A :class:`LaunchEnv`, or ``None`` when no launcher's variables are present.
+
+    Raises:
+        ValueError: a variable is not an integer, the rank is outside ``[0, world_size)``, torchrun's
+            variables lack ``MASTER_ADDR``/``MASTER_PORT``, or a SLURM host list is malformed.
+    """
+    env = os.environ if environ is None else environ
+    info: LaunchEnv | None = None
+    if "RANK" in env and "WORLD_SIZE" in env:
+        addr, port = _master(env)
+        if addr is None or port is None:
+            raise ValueError(
+                "RANK and WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not: set both (torchrun sets "
+                "them for you), e.g. MASTER_ADDR=127.0.0.1 MASTER_PORT=29500"
+            )
+        info = LaunchEnv("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
+                         _opt_int(env, "LOCAL_RANK") or 0, addr, port)
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        addr, port = _master(env)
+        info = LaunchEnv("openmpi", _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE"),
+                         _opt_int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0, addr, port)
+    elif "PMI_RANK" in env and "PMI_SIZE" in env:
+        addr, port = _master(env)
+        local = _opt_int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
+        info = LaunchEnv("mpich", _int(env, "PMI_RANK"), _int(env, "PMI_SIZE"), local or 0, addr, port)
+    elif "PMIX_RANK" in env:
+        addr, port = _master(env)
+        size = _opt_int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+        local = _opt_int(env, "PMIX_LOCAL_RANK", "SLURM_LOCALID")
+        info = LaunchEnv("pmix", _int(env, "PMIX_RANK"), size, local or 0, addr, port)
+    elif "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+        # Only inside an srun step: the batch script's own shell also has SLURM_PROCID=0 and the job's
+        # SLURM_NTASKS, but it is one process, not task 0 of N.
+        size = _opt_int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+        if size is None:
+            raise ValueError("SLURM_PROCID is set but SLURM_NTASKS is not: start the job with srun -n N")
+        addr, port = _master(env)
+        if addr is None:
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise ValueError("SLURM_PROCID is set but neither MASTER_ADDR nor SLURM_JOB_NODELIST is: "
+                                 "export MASTER_ADDR=<first node> in the sbatch script")
+            addr = expand_hostlist(nodelist)[0]
+        if port is None:
+            if env.get("SLURM_JOB_ID", "") == "":
+                raise ValueError("SLURM_PROCID is set but neither MASTER_PORT nor SLURM_JOB_ID is: export "
+                                 "MASTER_PORT in the sbatch script")
+            port = slurm_port(env["SLURM_JOB_ID"], env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")))
+        info = LaunchEnv("slurm", _int(env, "SLURM_PROCID"), size,
+                         _opt_int(env, "SLURM_LOCALID") or 0, addr, port)
+    if info is None:
+        return None
+    if info.world_size is not None:
+        if info.world_size < 1:
+            raise ValueError(f"{info.launcher}: world size must be >= 1, got {info.world_size}")
+        if not 0 <= info.rank < info.world_size:
+            raise ValueError(f"{info.launcher}: rank {info.rank} is outside [0, {info.world_size})")
+    if info.local_rank < 0:
+        raise ValueError(f"{info.launcher}: local rank must be >= 0, got {info.local_rank}")
+    if info.master_port is not None and not 0 < info.master_port < 65536:
+        raise ValueError(f"MASTER_PORT must be in 1..65535, got {info.master_port}")
+    return info
+
+
+def default_backend() -> str:
+    """``"nccl"`` when CUDA is usable and torch has NCCL, else ``"gloo"``."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0 and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+# -- initialisation --------------------------------------------------------------------------------------
+
+_NO_LAUNCHER = (
+    "sparsedist.dist.init(): no launcher detected. Start the script with one of\n"
+    "  torchrun --nproc_per_node=N script.py            (sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)\n"
+    "  srun -n N python script.py                       (inside a SLURM allocation: SLURM_PROCID, SLURM_NTASKS)\n"
+    "  mpirun -np N python script.py                    (Open MPI / MPICH / PMIx variables)\n"
+    "or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT yourself; or pass standalone=True to run one process."
+)
+
+
+def _set_device(local_rank: int, backend: str) -> None:
+    if not torch.cuda.is_available():
+        if backend == "nccl":
+            raise ValueError("backend='nccl' needs CUDA, which is not available here: use backend='gloo'")
+        return
+    count = torch.cuda.device_count()
+    if count == 1:
+        torch.cuda.set_device(0)  # one visible GPU per task (SLURM --gpus-per-task, CUDA_VISIBLE_DEVICES)
+    elif local_rank < count:
+        torch.cuda.set_device(local_rank)
+    else:
+        raise ValueError(
+            f"local rank {local_rank} but only {count} CUDA devices are visible on this node: start at most "
+            f"{count} processes per node, or give each process its own device with CUDA_VISIBLE_DEVICES"
+        )
+
+
+def _mpi_comm():
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
+
+
+def _this_host_address(all_hosts: list[str]) -> str:
+    return "127.0.0.1" if len(set(all_hosts)) == 1 else socket.gethostname()
+
+
+def _as_timedelta(timeout: float | timedelta) -> timedelta:
+    if isinstance(timeout, timedelta):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}")
+    return timedelta(seconds=float(timeout))
+
+
+def _no_launcher_message(env: Mapping[str, str]) -> str:
+    if "SLURM_JOB_ID" in env:
+        return (_NO_LAUNCHER + f"\nThis process runs inside SLURM job {env['SLURM_JOB_ID']} but not in an srun step "
+                "(the batch script's shell is one process): start it with srun, e.g. srun python script.py")
+    return _NO_LAUNCHER
+
+
+def init(
+    backend: str | None = None,
+    timeout: float | timedelta = DEFAULT_TIMEOUT_S,
+    *,
+    standalone: bool = False,
+) -> DistInfo:
+    """Initialise ``torch.distributed`` from the launcher's environment; return ``(rank, world_size, local_rank)``.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"``, ... (default: :func:`default_backend`, nccl when CUDA is usable).
+        timeout: seconds (or a ``timedelta``) for the rendezvous and for every collective of the process group.
+        standalone: when no launcher is detected, start a one-process group on this machine instead of raising.
+
+    Returns:
+        :class:`DistInfo` ``(rank, world_size, local_rank)``. With CUDA, ``torch.cuda.set_device`` has been
+        called for ``local_rank`` (or device 0 when each process sees one GPU).
+
+    Raises:
+        RuntimeError: no launcher was detected (the message lists how to start the script), or an MPI launch
+            has no ``MASTER_ADDR``/``MASTER_PORT`` and mpi4py is not importable to agree on one.
+        ValueError: malformed launcher variables, a non-positive timeout, nccl without CUDA, or more local
+            ranks than visible GPUs.
+        TypeError: ``backend`` is not a string.
+
+    Side effect: ``MASTER_ADDR`` and ``MASTER_PORT`` are set in ``os.environ`` to the rendezvous address used.
+
+    Idempotent: when ``torch.distributed`` is already initialised, nothing is changed and the current rank,
+    world size and local rank (from the environment, 0 if unknown) are returned.
+    """
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a string such as 'gloo' or 'nccl', got {type(backend).__name__}")
+    td = _as_timedelta(timeout)
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed support")
+    if dist.is_initialized():
+        try:
+            info = detect()
+            local = info.local_rank if info is not None else 0
+        except ValueError:
+            local = 0
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+    info = detect()
+    if info is None:
+        if not standalone:
+            raise RuntimeError(_no_launcher_message(os.environ))
+        info = LaunchEnv("standalone", 0, 1, 0, "127.0.0.1", None)
+    backend = backend or default_backend()
+    _set_device(info.local_rank, backend)
+
+    store = None
+    world_size = info.world_size
+    rank = info.rank
+    addr, port = info.master_addr, info.master_port
+    if info.launcher in ("openmpi", "mpich", "pmix") and (addr is None or port is None or world_size is None):
+        comm = _mpi_comm()
+        if comm is None:
+            raise RuntimeError(
+                f"started by an MPI launcher ({info.launcher}) without MASTER_ADDR/MASTER_PORT, and mpi4py is not "
+                f"installed to agree on them: pip install mpi4py, or export MASTER_ADDR=<host of rank 0> and "
+                f"MASTER_PORT=<free port> (e.g. mpirun -x MASTER_ADDR=... -x MASTER_PORT=29500)"
+            )
+        if world_size is None:
+            world_size = comm.Get_size()
+        if comm.Get_size() != world_size or comm.Get_rank() != rank:
+            raise RuntimeError(
+                f"{info.launcher} variables say rank {rank} of {world_size} but MPI says "
+                f"{comm.Get_rank()} of {comm.Get_size()}"
+            )
+        if addr is None or port is None:
+            # Rank 0 opens the store on a free port (no race) and tells everyone where it is.
+            hosts = comm.allgather(socket.gethostname())
+            if rank == 0:
+                addr = addr or _this_host_address(hosts)
+                store = dist.TCPStore(addr, port or 0, world_size, True, timeout=td, wait_for_workers=False)
+                port = store.port
+                comm.bcast((addr, port), root=0)
+            else:
+                addr, port = comm.bcast(None, root=0)
+                store = dist.TCPStore(addr, port, world_size, False, timeout=td)
+    elif port is None:  # standalone
+        store = dist.TCPStore(addr, 0, 1, True, timeout=td, wait_for_workers=False)
+        port = store.port
+
+    # The rendezvous address is exported (env:// reads it; so can the user's code). RANK/WORLD_SIZE are not,
+    # so that detect() still names the real launcher afterwards.
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=td)
+    else:
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=td)
+    return DistInfo(rank, world_size, info.local_rank)
