@@ -128,6 +128,8 @@ def main(argv=None) -> dict:
                    help="learning-rate schedule over the whole run (same for every compressor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--comm", choices=["torch", "mpi"], default="torch",
+                   help="sparse collectives over torch.distributed or over mpi4py (MPIBackend; under mpirun)")
     p.add_argument("--json", type=Path, help="write the summary here (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -148,7 +150,12 @@ def main(argv=None) -> dict:
     total_steps = steps_per_epoch * args.epochs if args.steps <= 0 else args.steps
     state = None
     if args.compressor != "ddp":
-        state = sparsedist.register(ddp, args.compressor, **compressor_options(args, steps_per_epoch, optimizer))
+        opts = compressor_options(args, steps_per_epoch, optimizer)
+        if args.comm == "mpi":
+            from sparsedist.integrations.mpi import MPIBackend
+
+            opts["backend"] = MPIBackend()
+        state = sparsedist.register(ddp, args.compressor, **opts)
 
     scheduler = None
     if args.schedule == "cosine":

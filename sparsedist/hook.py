@@ -36,7 +36,7 @@ from .feedback import ErrorFeedback, accumulator_dtype
 from .payload import SparseGrad
 from .stats import Telemetry
 
-__all__ = ["SparsifyState", "sparsify_hook", "STATE_OPTIONS"]
+__all__ = ["SparsifyState", "sparsify_hook", "FlatBucket", "STATE_OPTIONS"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -79,12 +79,43 @@ class _Unit:
         return idx + self.offset
 
 
+class FlatBucket:
+    """A ``GradBucket`` look-alike over a flat buffer holding the gradients of ``params`` in order."""
+
+    def __init__(self, buffer: torch.Tensor, params: list[torch.Tensor], index: int = 0, is_last: bool = True):
+        if buffer.dim() != 1:
+            raise ValueError(f"buffer must be 1-D (gradients concatenated), got shape {tuple(buffer.shape)}")
+        total = sum(p.numel() for p in params)
+        if total != buffer.numel():
+            raise ValueError(f"buffer has {buffer.numel()} elements but the parameters have {total}")
+        self._buffer, self._params, self._index, self._last = buffer, list(params), index, is_last
+        self._views, offset = [], 0
+        for p in self._params:
+            self._views.append(buffer[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+
+    def index(self) -> int:
+        return self._index
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self._params
+
+    def gradients(self) -> list[torch.Tensor]:
+        return self._views
+
+    def is_last(self) -> bool:
+        return self._last
+
+
 class SparsifyState:
     """State of :func:`sparsify_hook`: the compressor, error-feedback residuals, the communicator, telemetry.
 
     Args:
-        model: the ``DistributedDataParallel`` model (or its module). Gives every parameter a stable key (its
-            position in ``named_parameters()``) and a name for :meth:`state_dict`. Keys, not DDP bucket indices,
+        model: the ``DistributedDataParallel`` model (or its module, or its ``named_parameters()``). Gives every
+            parameter a stable key (its position in ``named_parameters()``) and a name for :meth:`state_dict`. Keys, not DDP bucket indices,
             identify state, since DDP rebuilds its buckets after the first iteration.
         compressor: a :class:`~sparsedist.compressors.Compressor`, or None for dense exchange.
         **options: see :data:`STATE_OPTIONS`.
@@ -141,9 +172,16 @@ class SparsifyState:
         self._next_key = 0
         self._active_cache: dict[int, tuple[int, torch.Tensor]] = {}
         if model is not None:
-            module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-            self._module = module
-            for key, (name, param) in enumerate(module.named_parameters()):
+            if isinstance(model, torch.nn.Module):
+                module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+                self._module = module
+                named = list(module.named_parameters())
+            else:  # an iterable of (name, parameter) pairs, e.g. model.named_parameters()
+                named = list(model)
+                if not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.Tensor) for x in named):
+                    raise TypeError("model must be an nn.Module or an iterable of (name, parameter) pairs "
+                                    "(model.named_parameters())")
+            for key, (name, param) in enumerate(named):
                 if param.requires_grad and (param.dtype.is_complex or not param.dtype.is_floating_point):
                     raise TypeError(f"parameter {name!r} has dtype {param.dtype}; sparsedist exchanges real "
                                     f"floating-point gradients only (float32, float16, bfloat16, float64)")
@@ -172,7 +210,10 @@ class SparsifyState:
                                  f"SparsifyState(ddp, compressor, ...)")
             from .second_moment import SecondMomentCollector
 
-            module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+            module = self._module
+            if module is None:
+                raise ValueError(f"{compressor.name} selection needs the model itself (its layers get module hooks), "
+                                 f"not only its named parameters")
             self.second_moment = SecondMomentCollector(module)
             uncovered = [(n, p) for n, p in module.named_parameters()
                          if p.requires_grad and not self.second_moment.covers(p)]
@@ -270,7 +311,24 @@ class SparsifyState:
         self.__dict__.update(state)
 
     # -- the exchange ----------------------------------------------------------------------------------------
-    def exchange(self, bucket: dist.GradBucket) -> torch.futures.Future:
+    def exchange_flat(self, buffer: torch.Tensor, params: list[torch.Tensor], *, index: int = 0,
+                      is_last: bool = True) -> torch.Tensor:
+        """Average a flat gradient buffer across ranks, synchronously, exactly as the DDP hook does.
+
+        For integrations that own their gradient exchange (e.g. the Horovod optimizer).
+
+        Args:
+            buffer: 1-D tensor: the local gradients of ``params`` concatenated in order (not yet averaged).
+            params: the parameters whose gradients ``buffer`` holds (their keys select the residuals).
+            index: a label for error messages (like a DDP bucket index).
+            is_last: True for the last buffer of an optimizer step (advances the step counter).
+
+        Returns:
+            ``buffer``, overwritten with the average over ranks.
+        """
+        return self.exchange(FlatBucket(buffer, params, index, is_last), synchronous=True).value()
+
+    def exchange(self, bucket: dist.GradBucket, synchronous: bool = False) -> torch.futures.Future:
         """Average ``bucket``'s gradients across ranks; returns a future of the bucket buffer."""
         buffer = bucket.buffer()
         params = bucket.parameters()
@@ -284,7 +342,7 @@ class SparsifyState:
                 check_parameters(self._module, self.backend)
         dense_step = self.masks is not None and bool(self.masks.needs_dense_gradient())
         dense = self.compressor is None and self.masks is None or (dense_step and not self.feedback.enabled)
-        if dense and self.timeout is None:
+        if dense and self.timeout is None and not synchronous and type(self.backend) is TorchBackend:
             return self._dense(bucket, buffer, "allreduce")
         try:
             if dense:
