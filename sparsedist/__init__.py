@@ -10,10 +10,11 @@ The public API is small:
 * :class:`SparseGrad` — the payload type compressors produce and collectives consume;
 * :mod:`sparsedist.checkpoint` — sharded checkpoints of model, optimizer, hook and sparsity state;
 * :mod:`sparsedist.dist` — process-group set-up from torchrun, SLURM or MPI environment variables;
-* :mod:`sparsedist.guard` — cross-rank consistency checks.
+* :mod:`sparsedist.guard` — cross-rank consistency checks;
+* :mod:`sparsedist.nn` — ephemeral sparsity: top-k / threshold activations, meProp sparse back-propagation.
 """
 
-from . import checkpoint, collectives, compressors, dist, guard
+from . import checkpoint, collectives, compressors, dist, guard, nn
 from .hook import SparsifyState, sparsify_hook
 from .payload import SparseGrad
 from .register import register
@@ -21,4 +22,4 @@ from .register import register
 __version__ = "0.1.0"
 
 __all__ = ["register", "SparsifyState", "sparsify_hook", "SparseGrad", "compressors", "collectives", "checkpoint",
-           "dist", "guard", "__version__"]
+           "dist", "guard", "nn", "__version__"]
