@@ -11,15 +11,18 @@ The public API is small:
 * :mod:`sparsedist.checkpoint` — sharded checkpoints of model, optimizer, hook and sparsity state;
 * :mod:`sparsedist.dist` — process-group set-up from torchrun, SLURM or MPI environment variables;
 * :mod:`sparsedist.guard` — cross-rank consistency checks;
+* :mod:`sparsedist.sparsity` — model sparsity: :class:`RigL`, :class:`SET`, :class:`StaticSparsity`, whose masks
+  the hook can use for mask-aware exchange (``register(ddp, "none", masks=rigl)``);
 * :mod:`sparsedist.nn` — ephemeral sparsity: top-k / threshold activations, meProp sparse back-propagation.
 """
 
-from . import checkpoint, collectives, compressors, dist, guard, nn
+from . import checkpoint, collectives, compressors, dist, guard, nn, sparsity
 from .hook import SparsifyState, sparsify_hook
 from .payload import SparseGrad
 from .register import register
+from .sparsity import SET, RigL, StaticSparsity
 
 __version__ = "0.1.0"
 
 __all__ = ["register", "SparsifyState", "sparsify_hook", "SparseGrad", "compressors", "collectives", "checkpoint",
-           "dist", "guard", "nn", "__version__"]
+           "dist", "guard", "nn", "sparsity", "RigL", "SET", "StaticSparsity", "__version__"]

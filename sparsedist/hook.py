@@ -20,6 +20,7 @@ Sparse exchanges run synchronously in the hook body and return a completed futur
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from datetime import timedelta
 from typing import Any, Callable, Iterable
@@ -56,7 +57,14 @@ STATE_OPTIONS = {
                "process group's timeout)",
     "backend": "a sparsedist.collectives.Backend to communicate with (default: TorchBackend(process_group))",
     "check_every": "every N steps, verify that all ranks hold bit-identical parameters (0: never; default 0)",
+    "collective": "how sparse payloads are summed: 'allgather' (default), 'auto' (alpha-beta cost model per bucket "
+                  "and step), 'dense', 'ssar_recursive_double', 'ssar_split_allgather', 'dsar_split_allgather', or "
+                  "'gtopk' (global top-k: only the k largest sums survive; the rest returns to the residuals)",
+    "cost_model": "a sparsedist.collectives.CostModel for collective='auto' (default: probed at the first step)",
 }
+
+COLLECTIVES = ("allgather", "auto", "dense", "ssar_recursive_double", "ssar_split_allgather",
+               "dsar_split_allgather", "gtopk")
 
 
 class _Unit:
@@ -129,7 +137,8 @@ class SparsifyState:
                  value_dtype: str | torch.dtype | None = None, granularity: str = "layer", dense_below: int = 0,
                  seed: int = 0, masks: Any = None, grad_scaler: Any = None,
                  optimizer: torch.optim.Optimizer | None = None, timeout: float | None = None,
-                 backend: Backend | None = None, check_every: int = 0):
+                 backend: Backend | None = None, check_every: int = 0, collective: str = "allgather",
+                 cost_model: Any = None):
         if compressor is not None and not isinstance(compressor, Compressor):
             raise TypeError(f"compressor must be a sparsedist Compressor or None, got {type(compressor).__name__}; "
                             f"use sparsedist.register(ddp, 'topk', ...) to build one by name")
@@ -144,6 +153,13 @@ class SparsifyState:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not math.isfinite(timeout) or timeout <= 0):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if collective not in COLLECTIVES:
+            raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+        if collective == "gtopk" and (compressor is None or compressor.shared_indices
+                                      or compressor.density_at(0) is None):
+            raise ValueError("collective='gtopk' keeps the global top-k of the sum, with the same k as each rank's "
+                             "local selection: it needs a fixed-density compressor that exchanges indices ('topk' "
+                             "or 'dgc'), got " + (compressor.name if compressor is not None else "'none'"))
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"check_every must be an int >= 0 (steps between parameter checks), got {check_every!r}")
         if masks is not None:
@@ -163,6 +179,11 @@ class SparsifyState:
         self.feedback = ErrorFeedback(enabled=error_feedback and compressor is not None)
         self.telemetry = Telemetry()
         self.step = 0
+        self.collective = collective
+        self.cost_model = cost_model
+        self._gtopk: dict[tuple, Any] = {}
+        self._last_union: dict[tuple, int] = {}
+        self._last_max_count: dict[tuple, int] = {}
         self.check_every = check_every
         self._verified = False
         self._in_step = False
@@ -305,6 +326,7 @@ class SparsifyState:
         s["second_moment"] = None
         s["masks"] = None
         s["_module"] = None
+        s["_gtopk"] = {}
         return s
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -482,20 +504,43 @@ class SparsifyState:
             scatter_add(out, idx, vals[:-1])
             sent_units = units
         else:
-            collective = "allgather"
-            constant = self._packed_constant(units, buffer.numel())
+            layout = (bucket.index(), buffer.numel())
+            collective, choice = self._algorithm(layout, params, keys, buffer.numel(), wire_dtype)
+            started = time.perf_counter()
             if finite:
                 idx = torch.cat([u.bucket_indices(u.payload.indices) for u in units])
                 vals = torch.cat([u.payload.values for u in units])
-                payload = encode(idx, vals, wire_dtype, constant)
+            if collective == "allgather":
+                constant = self._packed_constant(units, buffer.numel())
+                payload = encode(idx, vals, wire_dtype, constant) if finite else \
+                    torch.empty(0, dtype=torch.uint8, device=buffer.device)
+                received, flags = sparse_allgather(backend, payload, 0 if finite else 1)
+                any_bad = any(flags)
+                if not any_bad:
+                    for buf in received:
+                        r_idx, r_vals = decode(buf, wire_dtype, constant)
+                        scatter_add(out, r_idx, r_vals)
+                vbytes = torch.empty(0, dtype=wire_dtype).element_size()
+                self._last_max_count[layout] = max(b.numel() for b in received) // (4 if constant else 4 + vbytes)
             else:
-                payload = torch.empty(0, dtype=torch.uint8, device=buffer.device)
-            received, flags = sparse_allgather(backend, payload, 0 if finite else 1)
-            any_bad = any(flags)
-            if not any_bad:
-                for buf in received:
-                    r_idx, r_vals = decode(buf, wire_dtype, constant)
-                    scatter_add(out, r_idx, r_vals)
+                if not finite:  # announce the overflow through the sum itself: NaN reaches every rank
+                    idx = torch.zeros(1, dtype=torch.int64, device=buffer.device)
+                    vals = torch.full((1,), float("nan"), dtype=wire_dtype, device=buffer.device)
+                vals = vals.to(wire_dtype)
+                if collective == "gtopk":
+                    result = self._gtopk_for(layout)(idx, vals, buffer.numel(), self._gtopk_k(params, keys),
+                                                     backend=backend)
+                    scatter_add(out, result.indices, result.values)
+                    if finite:  # what did not survive the global selection goes back into the residuals
+                        self._keep_only(units, result.kept)
+                else:
+                    from .collectives.sparse_allreduce import sparse_allreduce
+
+                    out.add_(sparse_allreduce(idx, vals, buffer.numel(), algorithm=collective, backend=backend))
+                any_bad = not bool(torch.isfinite(out).all())
+            self._last_union[layout] = int(torch.count_nonzero(out))
+            self.telemetry.record_choice(collective, None if choice is None else choice.predicted_time,
+                                         time.perf_counter() - started)
             sent_units = units
         sent_b, recv_b = backend.bytes_sent - sent_before[0], backend.bytes_received - sent_before[1]
 
@@ -519,6 +564,64 @@ class SparsifyState:
                                      collective=collective)
         self._end_bucket(bucket, overflow=any_bad)
         return buffer
+
+    def _algorithm(self, layout: tuple, params: list[torch.Tensor], keys: list[int], numel: int,
+                   wire_dtype: torch.dtype) -> tuple[str, Any]:
+        """The collective for this bucket and step; identical on every rank (it depends on configuration and on
+        results every rank shares, never on local counts)."""
+        if self.collective != "auto":
+            return self.collective, None
+        from .collectives.choose import EXACT_ALGORITHMS, probe
+
+        nnz = self._expected_count(params, keys)
+        if nnz is None:
+            nnz = self._last_max_count.get(layout)
+        if nnz is None:  # a variable-count compressor's first step: count it with the allgather
+            return "allgather", None
+        if self.cost_model is None:
+            self.cost_model = probe(self.backend)
+        choice = self.cost_model.choose(numel, float(nnz), self.backend.size, candidates=EXACT_ALGORITHMS,
+                                        value_bytes=torch.empty(0, dtype=wire_dtype).element_size(),
+                                        union_nnz=self._last_union.get(layout))
+        return choice.algorithm, choice
+
+    def _expected_count(self, params: list[torch.Tensor], keys: list[int]) -> int | None:
+        """Entries each rank sends for this bucket, from the configuration alone (None for variable counts)."""
+        density = self.compressor.density_at(self.step) if self.compressor is not None else None
+        if density is None:
+            return None
+        from .compressors.base import count_for_density
+
+        sizes = []
+        for p, key in zip(params, keys):
+            mask = self.masks.mask_of(p) if self.masks is not None else None
+            sizes.append((int(mask.sum()) if mask is not None else p.numel(), key))
+        full = sum(n for n, key in sizes if n < self.dense_below or key in self._full_keys)
+        selected = [n for n, key in sizes if not (n < self.dense_below or key in self._full_keys)]
+        if self.granularity == "bucket":
+            return full + count_for_density(sum(selected), density)
+        return full + sum(count_for_density(n, density) for n in selected)
+
+    def _gtopk_k(self, params: list[torch.Tensor], keys: list[int]) -> int:
+        return int(self._expected_count(params, keys))
+
+    def _gtopk_for(self, layout: tuple) -> Any:
+        if layout not in self._gtopk:
+            from .collectives.gtopk import GlobalTopK
+
+            self._gtopk[layout] = GlobalTopK()
+        return self._gtopk[layout]
+
+    @staticmethod
+    def _keep_only(units: list[_Unit], kept: torch.Tensor) -> None:
+        """Shrink each unit's payload to the entries that survived (``kept``: one bool per entry, in order)."""
+        start = 0
+        for u in units:
+            n = u.payload.nnz
+            sel = kept[start:start + n]
+            start += n
+            u.payload = SparseGrad(u.payload.indices[sel], u.payload.values[sel], u.numel,
+                                   u.payload.shared_indices, u.payload.constant)
 
     def _shared_path(self, dense_step: bool) -> bool:
         return dense_step or self.compressor is None or self.compressor.shared_indices

@@ -23,6 +23,10 @@ The keys of :meth:`Telemetry.as_dict` are public API:
     steps on which some rank had a non-finite gradient (the result was NaN, residuals untouched).
 ``collectives``
     how many times each exchange path was used, e.g. ``{"allgather": 120, "allreduce": 3}``.
+``collective_time``
+    per sparse collective algorithm: ``{"calls", "measured_s", "predicted_s"}``, the summed measured seconds
+    of the exchange and, when the algorithm was picked by the cost model (``collective="auto"``), the summed
+    predicted seconds of those calls (else None).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Telemetry:
         self.density_sum = 0.0
         self.last_density = 0.0
         self.collectives: Counter[str] = Counter()
+        self.collective_time: dict[str, dict[str, Any]] = {}
         self._step_sent = 0
         self._step_total = 0
 
@@ -59,6 +64,13 @@ class Telemetry:
         self._step_sent += int(elements_sent)
         self._step_total += int(elements_total)
         self.collectives[collective] += 1
+
+    def record_choice(self, algorithm: str, predicted_s: float | None, measured_s: float) -> None:
+        entry = self.collective_time.setdefault(algorithm, {"calls": 0, "measured_s": 0.0, "predicted_s": None})
+        entry["calls"] += 1
+        entry["measured_s"] += measured_s
+        if predicted_s is not None:
+            entry["predicted_s"] = (entry["predicted_s"] or 0.0) + predicted_s
 
     def end_step(self, overflow: bool = False) -> None:
         self.last_density = self._step_sent / self._step_total if self._step_total else 0.0
@@ -79,10 +91,11 @@ class Telemetry:
             "residual_norm": residual_norm,
             "overflow_steps": self.overflow_steps,
             "collectives": dict(self.collectives),
+            "collective_time": {k: dict(v) for k, v in self.collective_time.items()},
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, Counter) else v) for k, v in self.__dict__.items()}
+        return {k: (dict(v) if isinstance(v, (Counter, dict)) else v) for k, v in self.__dict__.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()

@@ -1,0 +1,183 @@
+"""The alpha-beta cost model: fill-in estimate, per-algorithm predictions, the choice, the probe."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from sparsedist.collectives.choose import (ALGORITHMS, EXACT_ALGORITHMS, CostModel, choose, effective_universe,
+                                           expected_union, extrapolate, format_table, predict, probe)
+from sparsedist.testing import run_distributed
+
+
+def test_expected_union_matches_simulation():
+    n, k, P = 1000, 60, 5
+    g = torch.Generator().manual_seed(0)
+    sizes = []
+    for _ in range(300):
+        mask = torch.zeros(n, dtype=torch.bool)
+        for _ in range(P):
+            mask[torch.randperm(n, generator=g)[:k]] = True
+        sizes.append(int(mask.sum()))
+    simulated = sum(sizes) / len(sizes)
+    assert abs(expected_union(n, k, P) - simulated) / simulated < 0.01
+    assert expected_union(n, k, 1) == pytest.approx(k)
+    assert expected_union(n, n, 3) == n and expected_union(n, 0, 3) == 0.0
+
+
+def test_effective_universe_reproduces_a_measured_union():
+    n, k, P = 100_000, 500, 8
+    for union in (k, 1.3 * k, 3 * k, 7.5 * k):
+        n_eff = effective_universe(n, k, P, union)
+        assert expected_union(n, k, P, n_eff) == pytest.approx(union, rel=1e-6)
+    assert effective_universe(n, k, P, P * k) == math.inf
+    assert expected_union(n, k, P, math.inf) == P * k
+
+
+def test_predictions_follow_the_formulas():
+    n, k, P = 1_000_000, 1000, 8
+    pr = predict(n, k, P, alpha=1e-5, beta=1e-9)
+    assert pr["dense"].bytes == pytest.approx(2 * (P - 1) / P * n * 4)
+    assert pr["dense"].latency == 2 * (P - 1)
+    assert pr["allgather"].bytes == pytest.approx((P - 1) * 16 + (P - 1) * (8 + k * 8))
+    for name, p in pr.items():
+        assert p.time == pytest.approx(1e-5 * p.latency + 1e-9 * p.bytes), name
+    # allgather grows linearly with P, the dense ring stays flat
+    big = predict(n, k, 64, alpha=1e-5, beta=1e-9)
+    assert big["allgather"].bytes > 8 * pr["allgather"].bytes
+    assert big["dense"].bytes < 1.2 * pr["dense"].bytes
+    # with identical supports recursive doubling sends k entries per round, log2 P rounds
+    same = predict(n, k, P, alpha=1e-5, beta=1e-9, union_nnz=k)["ssar_recursive_double"]
+    assert same.bytes == pytest.approx(3 * (8 + 8 + k * 8))
+    # Ok-Topk's volume stays under 6k(P-1)/P words (plus headers) and far under allgather's
+    assert pr["gtopk"].bytes < 4 * 6 * k * (P - 1) / P + 64 * (P - 1)
+    assert pr["gtopk"].bytes < pr["allgather"].bytes / 2
+
+
+def test_large_beta_chooses_sparse_and_high_latency_at_high_density_chooses_dense():
+    n, P = 1_000_000, 8
+    slow = choose(n, 0.001 * n, P, alpha=1e-5, beta=1e-8)  # 100 MB/s link, 0.1 % density
+    assert slow.algorithm != "dense"
+    assert slow.predictions[slow.algorithm].bytes < slow.predictions["dense"].bytes / 10
+    # latency-bound at 50 % density: the sparse algorithms gain nothing on bytes and pay more messages (sizes
+    # first, two phases) -- at P = 3 the ring's 2(P-1) alphas are the fewest
+    fast = choose(n, 0.5 * n, 3, alpha=1e-3, beta=1e-12)
+    assert fast.algorithm == "dense"
+    # at P = 8 recursive doubling's 2 log2 P alphas beat the ring's 2(P-1) when nothing but latency counts ...
+    assert choose(n, 0.5 * n, P, alpha=1e-3, beta=1e-12).algorithm == "ssar_recursive_double"
+    # ... and dense wins again once the local work of merging half of a million entries is counted
+    work = choose(n, 0.5 * n, P, alpha=1e-4, beta=1e-12, gamma=2e-8, gamma_dense=5e-10)
+    assert work.algorithm == "dense"
+    # the choice is the argmin of the predictions it reports
+    for c in (slow, fast, work):
+        assert c.predicted_time == min(p.time for p in c.predictions.values())
+    # with only latency mattering and little data, recursive doubling (log P rounds) wins
+    lat = choose(n, 10, 64, alpha=1e-3, beta=1e-12, candidates=("allgather", "ssar_recursive_double",
+                                                               "ssar_split_allgather"))
+    assert lat.algorithm == "ssar_recursive_double"
+
+
+def test_dense_switch_in_the_model():
+    n, k, P = 10_000, 2_000, 8  # random supports: U(2) = 3600 < n/2, U(4) = 5904 > n/2
+    assert expected_union(n, k, 2) < n / 2 < expected_union(n, k, 4)
+    p = predict(n, k, P, alpha=0, beta=1, algorithms=("ssar_recursive_double",))["ssar_recursive_double"]
+    rounds = [8 + 8 + k * 8, 8 + 8 + expected_union(n, k, 2) * 8, 8 + 8 + n * 4]
+    assert p.bytes == pytest.approx(sum(rounds))
+    never = predict(n, k, P, alpha=0, beta=1, dense_threshold=float("inf"),
+                    algorithms=("ssar_recursive_double",))["ssar_recursive_double"]
+    assert never.bytes == pytest.approx(8 + 8 + k * 8 + 8 + 8 + expected_union(n, k, 2) * 8
+                                        + 8 + 8 + expected_union(n, k, 4) * 8)
+    assert never.bytes > p.bytes
+    # full overlap: no fill-in, never dense
+    same = predict(n, k, P, alpha=0, beta=1, union_nnz=k, algorithms=("ssar_recursive_double",))
+    assert same["ssar_recursive_double"].bytes == pytest.approx(3 * (16 + k * 8))
+
+
+def test_model_constants_match_the_code():
+    from sparsedist.collectives import choose as ch
+    from sparsedist.collectives.gtopk import COUNT_HEADER_BYTES
+
+    assert ch._GTOPK_REUSE_HEAD == COUNT_HEADER_BYTES
+
+
+def test_edge_cases_and_validation():
+    one = choose(1000, 10, 1, alpha=1e-5, beta=1e-9)
+    assert one.algorithm == "dense" and one.predicted_time == 0.0
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        predict(100, 1, 2, alpha=1, beta=1, algorithms=("ring",))
+    with pytest.raises(ValueError, match="at least one"):
+        choose(100, 1, 2, alpha=1, beta=1, candidates=())
+    with pytest.raises(ValueError, match=">= 0"):
+        predict(100, 1, 2, alpha=-1, beta=1)
+    with pytest.raises(ValueError, match="CostModel.beta"):
+        CostModel(beta=-1.0)
+    m = CostModel(alpha=3e-5, beta=2e-9, gamma=1e-8)
+    m2 = CostModel()
+    m2.load_state_dict(m.state_dict())
+    assert (m2.alpha, m2.beta, m2.gamma) == (3e-5, 2e-9, 1e-8)
+    with pytest.raises(ValueError, match="world_size"):
+        CostModel(call_latency={"allreduce": 1e-4, "allgather": 1e-4, "sendrecv": 1e-4, "alltoall": 1e-4})
+    # measured per-call costs replace alpha at the world size they were measured at, and only there
+    cl = {"allreduce": 1e-3, "allgather": 1e-3, "sendrecv": 1e-6, "alltoall": 1e-3}
+    mc = CostModel(alpha=1e-5, beta=1e-12, call_latency=cl, world_size=8)
+    p8 = mc.predict(10**6, 10, 8)
+    assert p8["dense"].time == pytest.approx(1e-3 + 1e-12 * p8["dense"].bytes)
+    assert p8["ssar_recursive_double"].time == pytest.approx(6e-6 + 1e-12 * p8["ssar_recursive_double"].bytes)
+    assert mc.predict(10**6, 10, 4)["dense"].time == pytest.approx(6e-5 + 1e-12 * 2 * 3 / 4 * 4e6)
+    m3 = CostModel()
+    m3.load_state_dict(mc.state_dict())
+    assert m3.call_latency == cl and m3.world_size == 8
+    assert m.choose(10**6, 10**3, 8).algorithm == choose(10**6, 10**3, 8, alpha=3e-5, beta=2e-9,
+                                                         gamma=1e-8).algorithm
+    assert set(ALGORITHMS) == set(EXACT_ALGORITHMS) | {"gtopk"}
+
+
+def test_extrapolation_table_to_1024_ranks():
+    rows = extrapolate(25_000_000, [0.001, 0.01], [8, 64, 1024], CostModel(alpha=5e-6, beta=1 / 12.5e9))
+    assert len(rows) == 6 and all(r["best"] in EXACT_ALGORITHMS for r in rows)
+    at = {(r["density"], r["P"]): r for r in rows}
+    # allgather's bytes grow ~linearly with P; at P=1024 and 1 % it costs far more than the dense ring
+    assert at[(0.01, 1024)]["allgather"]["bytes"] > 10 * at[(0.01, 1024)]["dense"]["bytes"]
+    assert at[(0.01, 1024)]["best"] != "allgather"
+    text = format_table(rows)
+    assert "1024" in text and "ssar_rd" in text and len(text.splitlines()) == 8
+
+
+def _probe_worker(rank, ws):
+    from sparsedist.collectives.backend import TorchBackend
+    from sparsedist.collectives.sparse_allreduce import sparse_allreduce
+
+    be = TorchBackend(timeout=60)
+    be.bytes_sent = 123
+    t0 = time.perf_counter()
+    model = probe(be)
+    elapsed = time.perf_counter() - t0
+    counters = (be.bytes_sent, be.bytes_received)
+    g = torch.Generator().manual_seed(rank)
+    idx = torch.randperm(5000, generator=g)[:50]
+    val = torch.randn(50, generator=g)
+    out = sparse_allreduce(idx, val, 5000, algorithm="auto", backend=be, cost_model=model)
+    ref = torch.zeros(5000)
+    for r in range(ws):
+        g = torch.Generator().manual_seed(r)
+        i = torch.randperm(5000, generator=g)[:50]
+        ref.index_add_(0, i, torch.randn(50, generator=g))
+    return {"params": (model.alpha, model.beta, model.gamma, model.gamma_dense, model.call_latency,
+                       model.world_size), "elapsed": elapsed,
+            "counters": counters, "err": float((out - ref).abs().max())}
+
+
+def test_probe_measures_and_agrees_across_ranks():
+    res = run_distributed(_probe_worker, 2, timeout=120)
+    assert res[0]["params"] == res[1]["params"], "ranks must get the same model, or they choose differently"
+    alpha, beta, gamma, gamma_dense, calls, world = res[0]["params"]
+    assert 0 < alpha < 0.05 and 0 < beta < 1e-6 and gamma > 0 and gamma_dense > 0
+    assert world == 2 and set(calls) == {"allreduce", "allgather", "sendrecv", "alltoall"}
+    assert all(0 < v < 0.05 for v in calls.values())
+    for r in res:
+        assert r["counters"] == (123, 0), "the probe must leave the byte counters as they were"
+        assert r["elapsed"] < 5.0  # well under 1 s on an idle machine; generous for a loaded CI box
+        assert r["err"] < 1e-5
