@@ -1,6 +1,6 @@
 """Run examples/mnist.py under torchrun for several hook configurations and print a Markdown table.
 
-    python benchmarks/mnist_table.py                       # the README's headline table (2 ranks, 3 epochs)
+    python benchmarks/mnist_table.py --seeds 0 1 2         # the README's headline table (2 ranks, 5 epochs)
     python benchmarks/mnist_table.py --configs ddp topk    # a subset
     python benchmarks/mnist_table.py --seeds 0 1 2         # mean over seeds
 
@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=HEADLINE, choices=list(CONFIGS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=5, help="training epochs, the same for every configuration")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json", type=Path, help="also write all runs here")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to examples/mnist.py")
@@ -69,7 +70,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for config in args.configs:
         for seed in args.seeds:
-            r = run(config, seed, args.nproc, extra, args.timeout)
+            r = run(config, seed, args.nproc, ["--epochs", str(args.epochs), *extra], args.timeout)
             runs.setdefault(config, []).append(r)
             print(f"# {config} seed {seed}: {json.dumps(r)}", flush=True)
 
