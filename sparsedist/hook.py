@@ -123,8 +123,9 @@ class SparsifyState:
 
     Args:
         model: the ``DistributedDataParallel`` model (or its module, or its ``named_parameters()``). Gives every
-            parameter a stable key (its position in ``named_parameters()``) and a name for :meth:`state_dict`. Keys, not DDP bucket indices,
-            identify state, since DDP rebuilds its buckets after the first iteration.
+            parameter a stable key (its position in ``named_parameters()``) and a name for :meth:`state_dict`.
+            Keys, not DDP bucket indices, identify state, since DDP rebuilds its buckets after the first
+            iteration. None: keys in first-seen order (names ``param0``, ...).
         compressor: a :class:`~sparsedist.compressors.Compressor`, or None for dense exchange.
         **options: see :data:`STATE_OPTIONS`.
 
@@ -488,7 +489,7 @@ class SparsifyState:
                 n = index_map.numel() if index_map is not None else g.numel()
                 units.append(_Unit(key, torch.zeros(n, dtype=accumulator_dtype(g.dtype), device=g.device),
                                    off, index_map))
-            self._select(units, params, dense_step, state_free=True)
+            self._select(units, params, dense_step)
 
         # 2. communicate.
         out = torch.zeros(buffer.numel(), dtype=accumulator_dtype(buffer.dtype), device=buffer.device)
@@ -502,7 +503,6 @@ class SparsifyState:
             vals = backend.allreduce(vals)
             any_bad = bool(vals[-1] != 0) or not bool(torch.isfinite(vals[:-1]).all())
             scatter_add(out, idx, vals[:-1])
-            sent_units = units
         else:
             layout = (bucket.index(), buffer.numel())
             collective, choice = self._algorithm(layout, params, keys, buffer.numel(), wire_dtype)
@@ -541,7 +541,6 @@ class SparsifyState:
             self._last_union[layout] = int(torch.count_nonzero(out))
             self.telemetry.record_choice(collective, None if choice is None else choice.predicted_time,
                                          time.perf_counter() - started)
-            sent_units = units
         sent_b, recv_b = backend.bytes_sent - sent_before[0], backend.bytes_received - sent_before[1]
 
         # 3. commit residuals and compressor state only if the step is good on every rank.
@@ -551,7 +550,7 @@ class SparsifyState:
             if self.compressor is not None:
                 self.compressor.discard_pending()
         else:
-            for u in sent_units:
+            for u in units:
                 sent = SparseGrad(u.payload.indices, u.payload.values.to(wire_dtype), u.numel)
                 self.feedback.update(u.key, u.acc, sent, scale)
                 if self.compressor is not None and not dense_step:
@@ -634,8 +633,7 @@ class SparsifyState:
         # (A rank without payloads has a non-finite gradient: it sends nothing and no rank decodes this step.)
         return None
 
-    def _select(self, units: list[_Unit], params: list[torch.Tensor], dense_step: bool,
-                state_free: bool = False) -> None:
+    def _select(self, units: list[_Unit], params: list[torch.Tensor], dense_step: bool) -> None:
         """Fill ``unit.payload`` for every unit (indices local to the unit)."""
         full = self.compressor is None or dense_step
         world = self.world_size
@@ -650,7 +648,7 @@ class SparsifyState:
         def everything(u: _Unit) -> SparseGrad:
             return SparseGrad(torch.arange(u.numel, device=u.acc.device), u.acc, u.numel, shared_indices=True)
 
-        moments = [self._moment(p, u, state_free) for p, u in zip(params, units)]
+        moments = [self._moment(p, u) for p, u in zip(params, units)]
         if full:
             for u in units:
                 u.payload = everything(u)
@@ -677,7 +675,7 @@ class SparsifyState:
             else:
                 u.payload = self.compressor.compress(u.acc, ctx_for(u.key, moment))
 
-    def _moment(self, param: torch.Tensor, unit: _Unit, state_free: bool) -> torch.Tensor | None:
+    def _moment(self, param: torch.Tensor, unit: _Unit) -> torch.Tensor | None:
         collector = self.second_moment
         if collector is None or self.compressor is None or not self.compressor.needs_second_moment:
             return None

@@ -33,40 +33,55 @@ def _step(ddp, opt):
     opt.step()
 
 
-def _build(compressor="dgc"):
+def _build(compressor="dgc", rigl=False):
     model = _net()
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.0 if compressor == "dgc" else 0.9)
     opts = {"optimizer": opt, "density": 0.1} if compressor == "dgc" else {"density": 0.1, "mode": "sampled"}
+    sparsity = None
+    if rigl:
+        sparsity = sparsedist.RigL(ddp, opt, density=0.3, update_every=2, total_steps=8)
+        opts["masks"] = sparsity
     state = sparsedist.register(ddp, compressor, **opts)
-    return model, ddp, opt, state
+    return model, ddp, opt, state, sparsity
 
 
-def resume_same_world(rank, ws, root, compressor):
+def _step_all(ddp, opt, sparsity):
+    _step(ddp, opt)
+    if sparsity is not None:
+        sparsity.step()
+
+
+def resume_same_world(rank, ws, root, compressor, rigl):
     torch.manual_seed(100 + rank)
-    model, ddp, opt, state = _build(compressor)
+    model, ddp, opt, state, sparsity = _build(compressor, rigl)
     for _ in range(3):
-        _step(ddp, opt)
-    checkpoint.save(Path(root) / "step-000003", model=ddp, optimizer=opt, state=state, extra={"step": 3})
+        _step_all(ddp, opt, sparsity)
+    checkpoint.save(Path(root) / "step-000003", model=ddp, optimizer=opt, state=state, sparsity=sparsity,
+                    extra={"step": 3})
     for _ in range(4):
-        _step(ddp, opt)
+        _step_all(ddp, opt, sparsity)
     straight = [p.detach().clone() for p in model.parameters()]
+    masks = {k: v.clone() for k, v in sparsity.masks.items()} if rigl else {}
 
     torch.manual_seed(999)  # scramble the RNG: the checkpoint must restore it
-    model2, ddp2, opt2, state2 = _build(compressor)
-    extra = checkpoint.load(checkpoint.latest_checkpoint(root), model=ddp2, optimizer=opt2, state=state2)
+    model2, ddp2, opt2, state2, sparsity2 = _build(compressor, rigl)
+    extra = checkpoint.load(checkpoint.latest_checkpoint(root), model=ddp2, optimizer=opt2, state=state2,
+                            sparsity=sparsity2)
     for _ in range(4):
-        _step(ddp2, opt2)
+        _step_all(ddp2, opt2, sparsity2)
     resumed = [p.detach().clone() for p in model2.parameters()]
-    return extra, all(torch.equal(a, b) for a, b in zip(straight, resumed)), state2.stats()["steps"]
+    same_masks = all(torch.equal(masks[k], sparsity2.masks[k]) for k in masks)
+    return extra, all(torch.equal(a, b) for a, b in zip(straight, resumed)), state2.stats()["steps"], same_masks
 
 
-@pytest.mark.parametrize("compressor", ["dgc", "topk"])
-def test_resume_is_bit_identical(tmp_path, compressor):
-    out = run_distributed(resume_same_world, 2, args=(str(tmp_path), compressor), timeout=120)
-    for extra, identical, steps in out:
+@pytest.mark.parametrize("compressor,rigl", [("dgc", False), ("topk", False), ("topk", True)])
+def test_resume_is_bit_identical(tmp_path, compressor, rigl):
+    out = run_distributed(resume_same_world, 2, args=(str(tmp_path), compressor, rigl), timeout=120)
+    for extra, identical, steps, same_masks in out:
         assert extra == {"step": 3}
         assert identical, "resuming must reproduce the uninterrupted run exactly"
+        assert same_masks, "RigL masks after resuming must equal the uninterrupted run's"
         assert steps == 7
     assert sorted(p.name for p in (tmp_path / "step-000003").iterdir()) == [
         "COMPLETE", "rank00000-of00002.pt", "rank00001-of00002.pt"]
@@ -74,7 +89,7 @@ def test_resume_is_bit_identical(tmp_path, compressor):
 
 def save_at_two(rank, ws, root):
     torch.manual_seed(rank)
-    model, ddp, opt, state = _build("dgc")
+    model, ddp, opt, state, _ = _build("dgc")
     for _ in range(3):
         _step(ddp, opt)
     checkpoint.save(root, model=ddp, optimizer=opt, state=state, extra={"step": 3})
@@ -83,7 +98,7 @@ def save_at_two(rank, ws, root):
 
 
 def load_at_three(rank, ws, root, how):
-    model, ddp, opt, state = _build("dgc")
+    model, ddp, opt, state, _ = _build("dgc")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -139,11 +154,12 @@ def _torchrun(tmp_path, name, kill_at):
            str(ROOT / "tests" / "jobs" / "elastic_train.py"), "--ckpt", str(tmp_path / name), "--out", str(out),
            "--kill-at", str(kill_at)]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.timeout(1500)
 def test_sigkill_one_rank_torchrun_restarts_and_resumes(tmp_path):
     straight = _torchrun(tmp_path, "straight", kill_at=-1)
     faulty = _torchrun(tmp_path, "faulty", kill_at=7)

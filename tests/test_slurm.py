@@ -228,7 +228,7 @@ def test_sbatch_one_task_per_slot(slurm):
 
 def test_sbatch_torchrun_per_node(slurm):
     """Template (b): srun starts one torchrun (c10d rendezvous) that starts 2 workers."""
-    state, output = _run_job(slurm, ["bash", "slurm/submit.sh", "torchrun", *MNIST_SMOKE], extra_env={
+    state, output = _run_job(slurm, ["bash", "slurm/submit.sh", "torchrun", *MNIST_EXAMPLE], extra_env={
         "NODES": "1", "TASKS_PER_NODE": "2", "TIME": "5",
         "OUTPUT": str(slurm["tmp"] / "b-%j.out"), "SBATCH_EXTRA": "--parsable"})
     assert state["NumTasks"] == "1" and state["NumCPUs"] == "2", state

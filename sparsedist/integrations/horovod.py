@@ -98,8 +98,10 @@ class HorovodBackend(Backend):
     holds for rings and pairwise rounds (SparCML's ring allgatherv and split-allgather algorithms, recursive
     doubling on a power-of-two number of ranks), not for patterns in which some ranks stay idle (SparCML's
     recursive doubling folds the ranks beyond the largest power of two with messages only some ranks take part
-    in; over Horovod that waits until ``timeout``). The DDP hook's exchange (``SparsifyState``) uses only
-    allreduce and allgather. Byte accounting is the base class's, so counts compare with ``TorchBackend``'s.
+    in; over Horovod that fails with a receive-count error or waits until ``timeout``, and
+    :class:`DistributedOptimizer` refuses ``collective="ssar_recursive_double"``/``"auto"`` at such sizes). With the
+    default ``collective="allgather"`` the exchange uses only allreduce and allgather. Byte accounting is the base
+    class's, so counts compare with ``TorchBackend``'s.
     """
 
     def __init__(self, timeout: float | None = None):
@@ -209,7 +211,14 @@ class HorovodBackend(Backend):
         empty = payload.new_empty(0)
         chunks = [payload if r == int(dst) else empty for r in range(self.size)]
         counts = [recv.numel() * recv.element_size() if r == int(src) else 0 for r in range(self.size)]
-        got = self._alltoall_v(chunks, counts)[int(src)]
+        try:
+            got = self._alltoall_v(chunks, counts)[int(src)]
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"{exc}. Over Horovod, sendrecv is collective (an alltoall): every rank must call it, in the same "
+                f"order. Algorithms in which some ranks stay idle, such as SparCML's recursive doubling on a "
+                f"non-power-of-two number of ranks, cannot run over HorovodBackend: use 'ssar_split_allgather', "
+                f"'dsar_split_allgather' or 'allgather'") from exc
         if recv.numel():
             recv.copy_(got.view(recv.dtype).view(recv.shape))
 
@@ -267,8 +276,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             The accumulated gradients are summed over passes and averaged over ranks.
         **options: the compressor's options (``density``, ``threshold``, ``momentum``, ...) and the exchange's
             (:data:`sparsedist.hook.STATE_OPTIONS`: ``error_feedback``, ``value_dtype``, ``granularity``,
-            ``dense_below``, ``seed``, ``grad_scaler``, ``timeout``, ``check_every``, ...). With ``"dgc"`` the
-            optimizer is checked for momentum (it must have none: DGC applies it) here and before every step.
+            ``dense_below``, ``seed``, ``grad_scaler``, ``timeout``, ``check_every``, ``collective``, ...). With
+            ``"dgc"`` the optimizer is checked for momentum (it must have none: DGC applies it) here and before
+            every step. ``collective="ssar_recursive_double"`` or ``"auto"`` need a power-of-two number of ranks
+            over Horovod (see :class:`HorovodBackend`).
 
     Exchange: on :meth:`synchronize` (called by :meth:`step`), the gradients of the parameters that require
     them are concatenated into one flat buffer per (device, dtype), in the optimizer's parameter order (the same
@@ -316,6 +327,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if state_opts.get("check_every") and module is None:
             raise ValueError("check_every compares the model's parameters and buffers across ranks: pass "
                              "named_parameters=model (the nn.Module itself)")
+        size = hvd.size()
+        if state_opts.get("collective") in ("ssar_recursive_double", "auto") and size & (size - 1):
+            raise ValueError(f"collective={state_opts['collective']!r} over Horovod needs a power-of-two number of "
+                             f"ranks, not {size}: SparCML's recursive doubling folds the extra ranks with messages "
+                             f"the others take no part in, and Horovod's sendrecv is collective ('auto' may choose "
+                             f"recursive doubling). Use 'allgather', 'ssar_split_allgather', 'dsar_split_allgather', "
+                             f"'gtopk' or 'dense'")
         if comp is not None and comp.name == "dgc":
             state_opts["optimizer"] = optimizer
         timeout = state_opts.get("timeout")
