@@ -357,12 +357,16 @@ class SparsifyState:
         params = bucket.parameters()
         if not self._in_step:  # first bucket of a step
             self._in_step = True
-            if not self._verified:
-                self._verify_configuration(buffer)
-            if self.check_every and self.step and self.step % self.check_every == 0 and self._module is not None:
-                from .guard import check_parameters
+            try:
+                if not self._verified:
+                    self._verify_configuration(buffer)
+                if self.check_every and self.step and self.step % self.check_every == 0 and self._module is not None:
+                    from .guard import check_parameters
 
-                check_parameters(self._module, self.backend)
+                    check_parameters(self._module, self.backend)
+            except RuntimeError as exc:
+                raise RuntimeError(f"sparsedist: consistency check before DDP bucket {bucket.index()} failed at step "
+                                   f"{self.step}: {exc}") from exc
         dense_step = self.masks is not None and bool(self.masks.needs_dense_gradient())
         dense = self.compressor is None and self.masks is None or (dense_step and not self.feedback.enabled)
         if dense and self.timeout is None and not synchronous and type(self.backend) is TorchBackend:

@@ -4,13 +4,14 @@
 * :mod:`.wire` — the payload encoding; :mod:`.dense` and :mod:`.allgather` — the hook's basic paths;
 * :mod:`.sparcml` and :func:`sparse_allreduce` — SparCML's SSAR/DSAR algorithms (Renggli et al. 2019);
 * :mod:`.gtopk` — Ok-Topk's global top-k (Li & Hoefler 2022);
-* :mod:`.choose` — the alpha-beta cost model that picks an algorithm per bucket.
+* :mod:`.choose` — the alpha-beta cost model that picks an algorithm per bucket (:class:`CostModel`; the module's
+  ``choose()`` is not re-exported here, so that ``sparsedist.collectives.choose`` stays the module).
 """
 
 from .backend import Backend, TorchBackend, ring_allreduce_bytes
-from .choose import CostModel, choose, predict, probe
+from .choose import CostModel, predict, probe
 from .gtopk import GlobalTopK, GlobalTopKResult
 from .sparse_allreduce import sparse_allreduce
 
 __all__ = ["Backend", "TorchBackend", "ring_allreduce_bytes", "sparse_allreduce", "GlobalTopK", "GlobalTopKResult",
-           "CostModel", "choose", "predict", "probe"]
+           "CostModel", "predict", "probe"]
