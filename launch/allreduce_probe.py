@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,13 +56,13 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     backend.barrier()
     payload = args.numel * 4
-    print("RESULT " + json.dumps({
+    os.write(1, ("RESULT " + json.dumps({
         "rank": rank, "world_size": world, "numel": args.numel, "repeats": args.repeats, "warmup": args.warmup,
         "seconds": round(seconds, 4),
         "busbw_gbit_s": round(2 * (world - 1) / world * payload * args.repeats * 8 / seconds / 1e9, 4)
         if seconds > 0 and payload else 0.0,
         "bytes_sent": backend.bytes_sent, "bytes_received": backend.bytes_received,
-    }), flush=True)
+    }) + "\n").encode())  # one write: lines of several ranks never interleave
     dist.destroy_process_group()
     return 0
 

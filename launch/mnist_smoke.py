@@ -108,12 +108,12 @@ def main(argv=None) -> int:
     ok = same and last < losses[0]
     if rank == 0:
         info = sparsedist.dist.detect()
-        print("RESULT " + json.dumps({
+        os.write(1, ("RESULT " + json.dumps({
             "launcher": info.launcher if info else None, "world_size": world, "backend": dist.get_backend(),
             "steps": args.steps, "first_loss": round(losses[0], 4), "last_loss": round(last, 4),
             "test_accuracy": round(acc, 4), "params_identical": same, "comm": args.comm,
             "hook_bytes_sent": backend.bytes_sent if backend is not None else None, "seconds": round(time.perf_counter() - t0, 2),
-        }), flush=True)
+        }) + "\n").encode())  # one write: lines of several ranks never interleave
     dist.destroy_process_group()
     return 0 if ok else 1
 

@@ -91,7 +91,7 @@ def test_allreduce_bytes_and_rate_at_100mbit(world, offload, torchrun, record_pr
         overhead.append(link.tx_bytes / expected - 1)
         # the link really is 100 Mbit/s: the payload alone needs bytes*8/1e8 seconds
         assert r["seconds"] >= 0.95 * expected * 8 / 1e8, (r, expected)
-        assert r["busbw_gbit_s"] < 0.1
+        assert r["busbw_gbit_s"] < 0.1 / 0.95  # the same bound as above (tbf's burst lets a short run reach 0.1)
     record_property("wire_overhead", [round(o, 4) for o in overhead])
 
 
