@@ -155,16 +155,20 @@ def _torchrun(tmp_path, name, kill_at):
            str(ROOT / "tests" / "jobs" / "elastic_train.py"), "--ckpt", str(tmp_path / name), "--out", str(out),
            "--kill-at", str(kill_at)]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    # Own session, so that on a timeout torchrun *and* its workers are killed (no orphans left running).
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"torchrun ({name}) did not finish within 420 s:\n{stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    log = tmp_path / f"{name}.log"
+    # Output to a file, not pipes: torch elastic puts its workers in sessions of their own, and an orphaned worker
+    # holding a pipe would block this test. On a timeout, kill torchrun's session and every process whose command
+    # line carries this run's unique checkpoint path (the workers).
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=420)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            subprocess.run(["pkill", "-9", "-f", str(tmp_path / name)], check=False)
+            proc.wait(timeout=30)
+            pytest.fail(f"torchrun ({name}) did not finish within 420 s:\n{log.read_text()[-3000:]}")
+    assert proc.returncode == 0, log.read_text()[-3000:]
     return torch.load(out, weights_only=False)
 
 
