@@ -12,12 +12,15 @@
 #   NPROC_PER_NODE  processes per node (default: number of GPUs, or 1 without GPUs)
 #   PYTHON          interpreter (default: python)
 #   TORCHRUN_EXTRA  further torchrun options, e.g. "--max-restarts=3"
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE defaults to 1 here: every restart (--max-restarts) then rendezvouses in a fresh
+# store; torch's shared store can hand a restarted worker its peer's stale address (pytorch/pytorch#135712).
 # Multi-homed nodes: export GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to the cluster network's interface.
 set -euo pipefail
 if [[ $# -eq 0 || -z "${NNODES:-}" || -z "${RDZV_HOST:-}" ]]; then
     sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2
 fi
 PYTHON="${PYTHON:-python}"
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 RDZV_PORT="${RDZV_PORT:-29400}"
 RDZV_ID="${RDZV_ID:-sparsedist-$NNODES-$RDZV_HOST-$RDZV_PORT}"
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then

@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, NamedTuple
@@ -316,6 +317,35 @@ def _no_launcher_message(env: Mapping[str, str]) -> str:
     return _NO_LAUNCHER
 
 
+def elastic_store(addr: str, port: int, world_size: int, timeout: timedelta,
+                  environ: Mapping[str, str] | None = None) -> dist.Store | None:
+    """The store a torchrun worker should rendezvous through, or ``None`` for torch's own ``env://``.
+
+    Since torch 2.5, torchrun's c10d rendezvous shares one TCPStore between the agent and every generation of
+    workers (``TORCHELASTIC_USE_AGENT_STORE=True``), and keys of the process group's rendezvous are not scoped to
+    the restart (pytorch/pytorch#135712). After ``--max-restarts`` restarts the group, a worker can read its peer's
+    address from the *previous* attempt and wait on a dead listener until the process-group timeout: an
+    intermittent hang in ``init_process_group``. With one agent (``GROUP_WORLD_SIZE == 1``) the restart count is
+    the same in every worker, so the store is prefixed with it and each attempt rendezvouses in keys of its own.
+    With several agents the counts are per agent and cannot be trusted to agree; then nothing is changed and a
+    warning names torch's remedy: ``export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` before ``torchrun`` (the launch
+    scripts in ``launch/`` and ``slurm/`` do), which gives every attempt a fresh store.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or _opt_int(env, "TORCHELASTIC_MAX_RESTARTS") in (None, 0):
+        return None
+    if (_opt_int(env, "GROUP_WORLD_SIZE") or 1) != 1:
+        warnings.warn(
+            "sparsedist.dist.init: torchrun shares its rendezvous store with the workers and --max-restarts is set; "
+            "with several nodes a restarted group can hang in init_process_group on keys left by the previous "
+            "attempt (pytorch/pytorch#135712). Fix: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun on "
+            "every node.", RuntimeWarning, stacklevel=3)
+        return None
+    attempt = _opt_int(env, "TORCHELASTIC_RESTART_COUNT") or 0
+    client = dist.TCPStore(addr, port, world_size, False, timeout=timeout)
+    return dist.PrefixStore(f"sparsedist/attempt-{attempt}", client)
+
+
 def init(
     backend: str | None = None,
     timeout: float | timedelta = DEFAULT_TIMEOUT_S,
@@ -399,6 +429,8 @@ def init(
     elif port is None:  # standalone
         store = dist.TCPStore(addr, 0, 1, True, timeout=td, wait_for_workers=False)
         port = store.port
+    elif info.launcher == "torchrun":
+        store = elastic_store(addr, port, world_size, td)
 
     # The rendezvous address is exported (env:// reads it; so can the user's code). RANK/WORLD_SIZE are not,
     # so that detect() still names the real launcher afterwards.

@@ -13,9 +13,13 @@ import shutil
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
+
+import sparsedist.dist
 
 from sparsedist.dist import LaunchEnv, detect, expand_hostlist, init, slurm_port
 
@@ -307,5 +311,43 @@ def test_init_standalone():
     assert [(x["rank"], x["world_size"], x["local_rank"], x["sum"]) for x in res] == [(0, 1, 0, 1.0)]
 
 
+def _agent_env(**extra):
+    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3", "GROUP_WORLD_SIZE": "1",
+           "TORCHELASTIC_RESTART_COUNT": "2"}
+    env.update(extra)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def test_elastic_store_scopes_each_restart_in_keys_of_its_own():
+    """torch's shared agent store keeps the previous attempt's keys (pytorch#135712): one prefix per attempt."""
+    server = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    server.set("default_pg/0//rank_1", "stale address of the killed attempt")
+    store = sparsedist.dist.elastic_store("127.0.0.1", server.port, 2, timedelta(seconds=10), _agent_env())
+    assert isinstance(store, torch.distributed.PrefixStore)
+    store.set("default_pg/0//rank_1", "fresh")
+    assert server.get("sparsedist/attempt-2/default_pg/0//rank_1") == b"fresh"
+    assert server.get("default_pg/0//rank_1") == b"stale address of the killed attempt"
+    # a key of the previous attempt is invisible to this one
+    with pytest.raises(Exception):
+        torch.distributed.PrefixStore("sparsedist/attempt-3", server).wait(["default_pg/0//rank_1"],
+                                                                           timedelta(milliseconds=200))
+
+
+@pytest.mark.parametrize("env", [
+    {},  # not torchrun with a shared store
+    {"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_MAX_RESTARTS": "3"},  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "0"},  # no restarts: nothing stale
+])
+def test_elastic_store_leaves_other_launches_to_env_rendezvous(env):
+    assert sparsedist.dist.elastic_store("127.0.0.1", 1, 2, timedelta(seconds=1), env) is None
+
+
+def test_elastic_store_warns_with_the_remedy_on_several_nodes():
+    with pytest.warns(RuntimeWarning, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        assert sparsedist.dist.elastic_store("127.0.0.1", 1, 4, timedelta(seconds=1),
+                                             _agent_env(GROUP_WORLD_SIZE="2")) is None
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker_main()
+

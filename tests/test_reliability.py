@@ -173,9 +173,6 @@ def _torchrun(tmp_path, name, kill_at):
 
 
 @pytest.mark.timeout(1000)
-@pytest.mark.xfail(strict=False, reason="known intermittent hang: the group torchrun restarts after the SIGKILL sometimes "
-                   "blocks (both workers in a futex wait, restart count 1) before resuming; root cause not yet found. "
-                   "When it does not hang, the resumed run ends bit-identical to the uninterrupted one.")
 def test_sigkill_one_rank_torchrun_restarts_and_resumes(tmp_path):
     straight = _torchrun(tmp_path, "straight", kill_at=-1)
     faulty = _torchrun(tmp_path, "faulty", kill_at=7)
