@@ -74,6 +74,16 @@ class _MLP(torch.nn.Module):
         return self.net(x)
 
 
+def _char_gpt_example():
+    """examples/char_gpt.py as a module (its CharGPT model and tinyshakespeare data)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("char_gpt_example", ROOT / "examples" / "char_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _flat_grad(model) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
@@ -86,19 +96,17 @@ def _set_grad(model, flat: torch.Tensor) -> None:
         off += n
 
 
-def _worker(rank: int, ws: int, cfg: dict):
+def gradient_source(rank: int, ws: int, cfg: dict):
+    """This rank's own gradient after ``cfg["train_steps"]`` data-parallel steps (dense allreduce in between).
+
+    ``cfg["source"]``: ``"mnist"`` (the MLP 784-H-H-10, ``cfg["hidden"]``, ``cfg["mnist"]`` the npz path),
+    ``"charlm"`` (the char-level GPT of ``examples/char_gpt.py``) or ``"synthetic"`` (``cfg["numel"]`` elements).
+    Returns ``(grad, local_grad, model, opt)``: the flat fp32 gradient, and for real sources a function giving
+    the next step's gradient, the model and its optimizer (None for synthetic). Needs an initialised process
+    group.
+    """
     import torch.distributed as dist
 
-    from sparsedist.collectives.backend import TorchBackend
-    from sparsedist.collectives.choose import probe
-    from sparsedist.collectives.gtopk import GlobalTopK
-    from sparsedist.collectives.sparse_allreduce import sparse_allreduce
-
-    torch.set_num_threads(1)
-    be = TorchBackend(timeout=300)
-    model_params = probe(be)
-
-    # ---- real gradients: data-parallel training of an MNIST MLP -------------------------------------------
     torch.manual_seed(0)
     if cfg["source"] == "mnist":
         data = np.load(cfg["mnist"])
@@ -121,12 +129,48 @@ def _worker(rank: int, ws: int, cfg: dict):
             _set_grad(model, grad / ws)
             opt.step()
         grad = local_grad()  # this rank's own gradient at the measurement step
+    elif cfg["source"] == "charlm":  # the char-level GPT of examples/char_gpt.py on tinyshakespeare
+        example = _char_gpt_example()
+        data = example.CharData(example.load_text(None))
+        model = example.CharGPT(data.vocab_size, 128, 4, 4, 64)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        bs = cfg["batch"]
+        g = torch.Generator().manual_seed(rank)
+
+        def local_grad():
+            xb, yb = data.batch("train", bs, 64, g)
+            opt.zero_grad(set_to_none=False)
+            torch.nn.functional.cross_entropy(model(xb).flatten(0, 1), yb.flatten()).backward()
+            return _flat_grad(model).clone()
+
+        local_grad()  # creates every .grad, so _set_grad can copy into them
+        for _ in range(cfg["train_steps"]):
+            grad = local_grad()
+            dist.all_reduce(grad)
+            _set_grad(model, grad / ws)
+            opt.step()
+        grad = local_grad()
     else:  # synthetic: heavy-tailed shared component (the same large coordinates everywhere) + rank noise
         n = cfg["numel"]
         gb = torch.Generator().manual_seed(0)
         base = torch.randn(n, generator=gb) * torch.rand(n, generator=gb) ** 6
         grad = base + 0.2 * base.abs().mean() * torch.randn(n, generator=torch.Generator().manual_seed(rank + 1))
         model = opt = local_grad = None
+    return grad, local_grad, model, opt
+
+
+def _worker(rank: int, ws: int, cfg: dict):
+
+    from sparsedist.collectives.backend import TorchBackend
+    from sparsedist.collectives.choose import probe
+    from sparsedist.collectives.gtopk import GlobalTopK
+    from sparsedist.collectives.sparse_allreduce import sparse_allreduce
+
+    torch.set_num_threads(1)
+    be = TorchBackend(timeout=300)
+    model_params = probe(be)
+
+    grad, local_grad, model, opt = gradient_source(rank, ws, cfg)
     n = grad.numel()
 
     # ---- one sum per algorithm and density ----------------------------------------------------------------
@@ -287,7 +331,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threshold-interval", type=int, default=32)
     ap.add_argument("--repartition-interval", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--source", choices=["mnist", "synthetic"], default="mnist")
+    ap.add_argument("--source", choices=["mnist", "charlm", "synthetic"], default="mnist",
+                    help="whose gradients: the MNIST MLP, the char-level GPT of examples/char_gpt.py (818k "
+                         "parameters, batch --batch sequences of 64 characters), or synthetic")
     ap.add_argument("--mnist", default=None, help="path of mnist.npz")
     ap.add_argument("--hidden", type=int, default=1024, help="MLP width (1024: 1.86M parameters)")
     ap.add_argument("--batch", type=int, default=32)
@@ -309,8 +355,10 @@ def main(argv=None) -> None:
                "repartition_interval": args.repartition_interval, "repeats": args.repeats, "source": args.source,
                "hidden": args.hidden, "batch": args.batch, "train_steps": args.train_steps, "numel": args.numel,
                "mnist": str(_mnist_path(args.mnist)) if args.source == "mnist" else None}
-        print(f"gradients: {args.source}" + (f" MLP 784-{args.hidden}-{args.hidden}-10 after {args.train_steps} "
-              f"data-parallel steps, batch {args.batch} per rank" if args.source == "mnist" else ""), flush=True)
+        what = {"mnist": f" MLP 784-{args.hidden}-{args.hidden}-10", "charlm": " char-level GPT (width 128, 4 layers)",
+                "synthetic": ""}[args.source]
+        print(f"gradients: {args.source}{what}" + (f" after {args.train_steps} data-parallel steps, batch {args.batch} "
+              f"per rank" if args.source != "synthetic" else ""), flush=True)
         t_all = time.time()
         for P in [int(p) for p in args.world_sizes.split(",")]:
             t0 = time.time()

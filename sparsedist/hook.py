@@ -22,8 +22,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from datetime import timedelta
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,6 +60,8 @@ STATE_OPTIONS = {
                   "and step), 'dense', 'ssar_recursive_double', 'ssar_split_allgather', 'dsar_split_allgather', or "
                   "'gtopk' (global top-k: only the k largest sums survive; the rest returns to the residuals)",
     "cost_model": "a sparsedist.collectives.CostModel for collective='auto' (default: probed at the first step)",
+    "auto_trials": "collective='auto': calls of each plausible collective timed per bucket before the measured/"
+                   "predicted ratios correct the model's choice (default 2; 0: the model alone)",
 }
 
 COLLECTIVES = ("allgather", "auto", "dense", "ssar_recursive_double", "ssar_split_allgather",
@@ -139,7 +140,7 @@ class SparsifyState:
                  seed: int = 0, masks: Any = None, grad_scaler: Any = None,
                  optimizer: torch.optim.Optimizer | None = None, timeout: float | None = None,
                  backend: Backend | None = None, check_every: int = 0, collective: str = "allgather",
-                 cost_model: Any = None):
+                 cost_model: Any = None, auto_trials: int = 2):
         if compressor is not None and not isinstance(compressor, Compressor):
             raise TypeError(f"compressor must be a sparsedist Compressor or None, got {type(compressor).__name__}; "
                             f"use sparsedist.register(ddp, 'topk', ...) to build one by name")
@@ -182,6 +183,9 @@ class SparsifyState:
         self.step = 0
         self.collective = collective
         self.cost_model = cost_model
+        from .collectives.choose import AutoTuner
+
+        self.tuner = AutoTuner(auto_trials)
         self._gtopk: dict[tuple, Any] = {}
         self._last_union: dict[tuple, int] = {}
         self._last_max_count: dict[tuple, int] = {}
@@ -286,7 +290,9 @@ class SparsifyState:
     # -- public --------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Telemetry of this rank; the keys are documented in :mod:`sparsedist.stats`."""
-        return self.telemetry.as_dict(self.feedback.norm())
+        out = self.telemetry.as_dict(self.feedback.norm())
+        out["auto_ratios"] = self.tuner.ratios()
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume this rank exactly: step, residuals and compressor state (by parameter
@@ -302,6 +308,10 @@ class SparsifyState:
             "compressor": _rename_keys(comp, names),
             "compressor_options": self.compressor.options() if self.compressor is not None else None,
             "telemetry": self.telemetry.state_dict(),
+            "auto": {"cost_model": None if self.cost_model is None else self.cost_model.state_dict(),
+                     "tuner": self.tuner.state_dict(),
+                     "last_union": {f"{i}:{n}": v for (i, n), v in self._last_union.items()},
+                     "last_max_count": {f"{i}:{n}": v for (i, n), v in self._last_max_count.items()}},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -317,6 +327,18 @@ class SparsifyState:
         if self.compressor is not None:
             self.compressor.load_state_dict(_rename_keys(state.get("compressor", {}), keys))
         self.telemetry.load_state_dict(state.get("telemetry", {}))
+        auto = state.get("auto")
+        here = self.backend.size if self._backend is not None or dist.is_initialized() else None
+        if auto is not None and state.get("world_size") in (None, here):  # collective='auto' resumes with the same model, ratios and fill-in as it saved
+            from .collectives.choose import CostModel
+
+            if auto.get("cost_model") is not None:
+                self.cost_model = CostModel()
+                self.cost_model.load_state_dict(auto["cost_model"])
+            self.tuner.load_state_dict(auto.get("tuner", {}))
+            layout = lambda key: tuple(int(x) for x in key.split(":"))  # noqa: E731
+            self._last_union = {layout(k): int(v) for k, v in auto.get("last_union", {}).items()}
+            self._last_max_count = {layout(k): int(v) for k, v in auto.get("last_max_count", {}).items()}
 
     def __getstate__(self) -> dict[str, Any]:
         s = self.__dict__.copy()
@@ -510,6 +532,7 @@ class SparsifyState:
         else:
             layout = (bucket.index(), buffer.numel())
             collective, choice = self._algorithm(layout, params, keys, buffer.numel(), wire_dtype)
+            tuning = choice is not None and self.tuner.tuning(layout)
             started = time.perf_counter()
             if finite:
                 idx = torch.cat([u.bucket_indices(u.payload.indices) for u in units])
@@ -543,8 +566,13 @@ class SparsifyState:
                     out.add_(sparse_allreduce(idx, vals, buffer.numel(), algorithm=collective, backend=backend))
                 any_bad = not bool(torch.isfinite(out).all())
             self._last_union[layout] = int(torch.count_nonzero(out))
-            self.telemetry.record_choice(collective, None if choice is None else choice.predicted_time,
-                                         time.perf_counter() - started)
+            if tuning and out.device.type == "cuda":
+                torch.cuda.synchronize(out.device)  # time the collective, not its launch
+            elapsed = time.perf_counter() - started
+            predicted = None if choice is None else choice.predictions[collective].time
+            if tuning:
+                self.tuner.observe(layout, collective, predicted, elapsed)
+            self.telemetry.record_choice(collective, predicted, elapsed)
         sent_b, recv_b = backend.bytes_sent - sent_before[0], backend.bytes_received - sent_before[1]
 
         # 3. commit residuals and compressor state only if the step is good on every rank.
@@ -586,7 +614,7 @@ class SparsifyState:
         choice = self.cost_model.choose(numel, float(nnz), self.backend.size, candidates=EXACT_ALGORITHMS,
                                         value_bytes=torch.empty(0, dtype=wire_dtype).element_size(),
                                         union_nnz=self._last_union.get(layout))
-        return choice.algorithm, choice
+        return self.tuner.choose(layout, choice, self.backend), choice
 
     def _expected_count(self, params: list[torch.Tensor], keys: list[int]) -> int | None:
         """Entries each rank sends for this bucket, from the configuration alone (None for variable counts)."""

@@ -27,6 +27,10 @@ The keys of :meth:`Telemetry.as_dict` are public API:
     per sparse collective algorithm: ``{"calls", "measured_s", "predicted_s"}``, the summed measured seconds
     of the exchange and, when the algorithm was picked by the cost model (``collective="auto"``), the summed
     predicted seconds of those calls (else None).
+``auto_ratios``
+    ``collective="auto"`` only: per bucket (``"index:numel"``) whose trials are done, the measured/predicted
+    time ratio of each collective tried, averaged over ranks (:class:`sparsedist.collectives.choose.AutoTuner`);
+    the choice minimises ratio x predicted time. Empty otherwise.
 """
 
 from __future__ import annotations

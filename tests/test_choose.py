@@ -181,3 +181,71 @@ def test_probe_measures_and_agrees_across_ranks():
         assert r["counters"] == (123, 0), "the probe must leave the byte counters as they were"
         assert r["elapsed"] < 5.0  # well under 1 s on an idle machine; generous for a loaded CI box
         assert r["err"] < 1e-5
+
+
+class _SumOfTwo:
+    """A stand-in backend of world size 2 whose other rank measured ``other`` (allreduce = mine + other)."""
+
+    size = 2
+
+    def __init__(self, other):
+        self.other = other
+        self.calls = 0
+
+    def allreduce(self, t):
+        self.calls += 1
+        return t + torch.tensor(self.other, dtype=t.dtype)
+
+
+def test_autotuner_tries_plausible_candidates_then_follows_measured_ratios():
+    from sparsedist.collectives.choose import AutoTuner
+
+    model = CostModel(alpha=20e-6, beta=1e-9)
+    choice = model.choose(1_000_000, 10_000, 2)  # every exact candidate, with predictions
+    preds = {a: p.time for a, p in choice.predictions.items()}
+    best = min(preds.values())
+    plausible = [a for a in preds if preds[a] <= 4 * best]
+    assert choice.algorithm in plausible and len(plausible) >= 2
+
+    tuner = AutoTuner(trials=2)
+    # pretend the model's favourite is 10x slower than predicted and every other candidate exactly as predicted
+    tried = []
+    for _ in range(2 * len(plausible)):
+        assert tuner.tuning("b0")
+        algo = tuner.choose("b0", choice, backend=None)  # no collective during the trials
+        tried.append(algo)
+        tuner.observe("b0", algo, preds[algo], preds[algo] * (10.0 if algo == choice.algorithm else 1.0))
+    assert tried == plausible * 2, "each plausible candidate twice, interleaved"
+    be = _SumOfTwo([10.0 if a == choice.algorithm else 1.0 for a in plausible])  # the other rank agrees
+    pick = tuner.choose("b0", choice, backend=be)
+    assert be.calls == 1 and not tuner.tuning("b0")
+    expect = min((a for a in plausible if a != choice.algorithm), key=lambda a: preds[a])
+    assert pick == expect != choice.algorithm
+    assert tuner.ratios()["b0"][choice.algorithm] == pytest.approx(10.0)
+    assert tuner.choose("b0", choice, backend=be) == pick and be.calls == 1  # no further collective
+
+    # ranks that measured differently still agree: the ratios are averaged
+    other = AutoTuner(trials=2)
+    other.load_state_dict(tuner.state_dict())
+    assert other.choose("b0", choice, backend=None) == pick and other.ratios() == tuner.ratios()
+
+    # trials=0: the model alone; a bucket is tuned on its own
+    assert AutoTuner(trials=0).choose("b0", choice, backend=None) == choice.algorithm
+    assert tuner.tuning("b1")
+    with pytest.raises(ValueError, match="trials"):
+        AutoTuner(trials=-1)
+    with pytest.raises(ValueError, match="explore_factor"):
+        AutoTuner(explore_factor=0.5)
+
+
+def test_autotuner_keeps_the_slowest_ratio_for_candidates_never_tried():
+    from sparsedist.collectives.choose import AutoTuner
+
+    model = CostModel(alpha=20e-6, beta=1e-9)
+    choice = model.choose(1_000_000, 10_000, 2)
+    preds = {a: p.time for a, p in choice.predictions.items()}
+    tuner = AutoTuner(trials=1, explore_factor=1.0)  # only the model's pick is tried
+    algo = tuner.choose("b", choice, backend=None)
+    assert algo == choice.algorithm
+    tuner.observe("b", algo, preds[algo], 2 * preds[algo])
+    assert tuner.choose("b", choice, backend=_SumOfTwo([2.0])) == choice.algorithm  # all others get ratio 2 too

@@ -25,7 +25,6 @@ def _train(rank, compressor, opts, steps=4, overflow_at=None):
         opts = dict(opts, optimizer=opt)
     state = sparsedist.register(ddp, compressor, **opts)
     g = torch.Generator().manual_seed(50 + rank)
-    raw = None
     for t in range(steps):
         x, y = torch.randn(16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
         opt.zero_grad()
@@ -80,11 +79,14 @@ def scenario(rank, ws):
     out["ssar_mass"] = _mass(rank, "ssar_recursive_double")
     # auto with configured models: at 90% density the sparse encoding (8 bytes/entry) outgrows the dense one
     # (4 bytes/element), so dense is cheapest; on a slow link at 1% density a sparse algorithm is
-    out["auto_dense"] = _train(rank, "topk", {"density": 0.9, "collective": "auto",
+    out["auto_dense"] = _train(rank, "topk", {"density": 0.9, "collective": "auto", "auto_trials": 0,
                                                "cost_model": CostModel(alpha=1e-6, beta=1e-9)})
-    out["auto_slow"] = _train(rank, "topk", {"density": 0.01, "collective": "auto",
+    out["auto_slow"] = _train(rank, "topk", {"density": 0.01, "collective": "auto", "auto_trials": 0,
                                               "cost_model": CostModel(alpha=1e-6, beta=1e-6)})
     out["auto_probe"] = _train(rank, "topk", {"density": 0.01, "collective": "auto"})
+    # measured choice: each plausible collective timed twice per bucket, ratios agreed, then the fastest
+    out["auto_tuned"] = _train(rank, "topk", {"density": 0.05, "collective": "auto",
+                                               "cost_model": CostModel(alpha=1e-5, beta=1e-9)}, steps=14)
     return out
 
 
@@ -141,3 +143,16 @@ def test_auto_follows_the_cost_model(results):
     probed = results[0]["auto_probe"][1]
     assert sum(probed["collectives"].values()) > 0
     assert all(torch.equal(results[0]["auto_probe"][0], r["auto_probe"][0]) for r in results)
+
+
+def test_auto_tuning_agrees_across_ranks(results):
+    stats = [r["auto_tuned"][1] for r in results]
+    flats = [r["auto_tuned"][0] for r in results]
+    assert all(torch.equal(flats[0], f) for f in flats), "ranks diverged under auto tuning"
+    ratios = stats[0]["auto_ratios"]
+    assert ratios, "the trials never finished"
+    assert all(s["auto_ratios"] == ratios for s in stats), "ranks agreed on different ratios"
+    assert all(s["collectives"] == stats[0]["collectives"] for s in stats), "ranks chose differently"
+    tried = {a for r in ratios.values() for a in r}
+    assert len(tried) >= 2 and tried <= set(stats[0]["collectives"]), (tried, stats[0]["collectives"])
+    assert all(v > 0 for r in ratios.values() for v in r.values())

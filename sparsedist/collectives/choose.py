@@ -27,9 +27,11 @@ ssar_split_allgather     ``4(P-1)``                 ``(P-1)*8 + (P-1)*block(k/P)
 dsar_split_allgather     ``3(P-1)``                 the same first phase, then ``(P-1) * ceil(n/P) * b_v``
 gtopk (Ok-Topk)          ``4(P-1)`` (+ amortised)   ``(P-1)*8 + (P-1)*block(k/P)``, then ``(P-1)*72 + (P-1)*(h + (k/P)*s)``
                                                     on threshold-reuse steps (72: the count histogram); one step in
-                                                    ``threshold_interval`` gathers ``(P-1)*12`` counts and
-                                                    ``min(k, U(P)/P)`` candidates per rank instead; the boundary
-                                                    allreduce every ``repartition_interval`` steps is amortised too
+                                                    ``threshold_interval`` estimates instead: a 32-byte head
+                                                    allgather, ``ceil(log16(U(P)/c))`` allreduces of 15 int64
+                                                    counts, the ``c = max(64, k/16)`` entries of the last bracket,
+                                                    then the kept ``k/P`` per rank; the boundary allreduce every
+                                                    ``repartition_interval`` steps is amortised too
 =======================  =========================  ==================================================================
 
 Fill-in: with no better knowledge the supports are taken as independent uniform random k-subsets, so
@@ -59,6 +61,7 @@ __all__ = [
     "ALGORITHMS",
     "EXACT_ALGORITHMS",
     "CostModel",
+    "AutoTuner",
     "Prediction",
     "Choice",
     "predict",
@@ -76,7 +79,9 @@ ALGORITHMS = EXACT_ALGORITHMS + ("gtopk",)
 _H = 8  # block header bytes
 _SIZE = 8  # one int64 size message
 _GTOPK_REUSE_HEAD = 72  # gtopk.COUNT_HEADER_BYTES: 16 int32 counts of the threshold grid, the load, k
-_GTOPK_EXACT_HEAD = 12  # int32 count, load, k
+_GTOPK_EST_HEAD = 32  # float64 count, largest magnitude, load, k
+_GTOPK_SPLIT_POINTS = 15  # gtopk._SPLIT_POINTS: int64 counts per selection round
+_GTOPK_COUNT = 8  # int32 count, k
 
 
 @dataclass(frozen=True)
@@ -313,10 +318,18 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
             reuse.step(P - 1, (P - 1) * _GTOPK_REUSE_HEAD, "allgather")
             reuse.step(P - 1, (P - 1) * sparse_msg(kg / P), "sendrecv", P - 1)
             reuse.sparse += kg
-            cand = min(kg, U(P) / P)
-            exact.step(P - 1, (P - 1) * _GTOPK_EXACT_HEAD, "allgather")
-            exact.step(P - 1, (P - 1) * sparse_msg(cand), "sendrecv", P - 1)
-            exact.sparse += P * cand * max(1.0, math.log2(max(2.0, P * cand)))
+            # estimation: distributed selection (gtopk.GlobalTopK._estimate): a head allgather, rounds of count
+            # allreduces (each ~16x fewer entries left in the bracket), the bracket's entries, then as on reuse
+            cap = max(64.0, kg / 16)
+            rounds = max(1, math.ceil(math.log(max(U(P), cap + 1) / cap, 16)))
+            exact.step(P - 1, (P - 1) * _GTOPK_EST_HEAD, "allgather")
+            for _ in range(rounds):
+                exact.step(2 * (P - 1), ring_allreduce_bytes(_GTOPK_SPLIT_POINTS, 8, P), "allreduce")
+            exact.step(P - 1, (P - 1) * _GTOPK_COUNT, "allgather")
+            exact.step(P - 1, (P - 1) * sparse_msg(cap / P), "sendrecv", P - 1)
+            exact.step(P - 1, (P - 1) * _GTOPK_COUNT, "allgather")
+            exact.step(P - 1, (P - 1) * sparse_msg(kg / P), "sendrecv", P - 1)
+            exact.sparse += kg + cap
             w = 1.0 / max(1, threshold_interval)
             a.add(reuse, 1 - w)
             a.add(exact, w)
@@ -409,6 +422,103 @@ class CostModel:
         self.world_size = state.get("world_size")
         self.measured = dict(state.get("measured", {}))
         self.__post_init__()
+
+
+class AutoTuner:
+    """The per-bucket choice of ``collective="auto"``: the cost model's prediction, corrected by measured times.
+
+    An alpha-beta model fitted to allreduce timings misses fixed costs of each algorithm on a real host (its
+    Python-level calls, densifying the result, merges); measured on loopback the sparse algorithms took 2-6x
+    their predicted time while dense took 1.3-2x, enough to pick a collective 1.7-3x slower than the best one.
+    The tuner measures instead of trusting: the first ``trials * len(plausible)`` calls of each bucket run every
+    *plausible* candidate (predicted within ``explore_factor`` of the best prediction) ``trials`` times,
+    interleaved; each rank keeps, per candidate, the smallest ratio of measured to predicted time (the fastest
+    of the trials: warm-up and contention only add time); one allreduce averages the ratios over ranks, and from
+    then on the bucket uses the candidate with the smallest ``ratio * predicted time``. The model keeps the
+    scaling with the count (a density schedule, a changing union), the ratios supply what it misses; candidates
+    never tried take the largest measured ratio. Every rank calls in the same order with the same arguments and
+    ends with the same ratios, so choices are identical everywhere.
+
+    Args:
+        trials: calls of each plausible candidate per bucket before choosing (0: the model alone).
+        explore_factor: candidates predicted more than this many times slower than the best are not tried.
+
+    ``state_dict()``/``load_state_dict()`` carry the trials and the agreed ratios (a resumed run chooses as the
+    uninterrupted one would).
+    """
+
+    def __init__(self, trials: int = 2, explore_factor: float = 4.0):
+        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+            raise ValueError(f"AutoTuner: trials must be an int >= 0, got {trials!r}")
+        if isinstance(explore_factor, bool) or not isinstance(explore_factor, (int, float)) or not explore_factor >= 1:
+            raise ValueError(f"AutoTuner: explore_factor must be a number >= 1, got {explore_factor!r}")
+        self.trials = trials
+        self.explore_factor = float(explore_factor)
+        self._buckets: dict[str, dict] = {}
+
+    @staticmethod
+    def _key(bucket) -> str:
+        return ":".join(str(x) for x in bucket) if isinstance(bucket, tuple) else str(bucket)
+
+    def tuning(self, bucket) -> bool:
+        """True while ``bucket``'s trials are running (its next call will be measured)."""
+        st = self._buckets.get(self._key(bucket))
+        return self.trials > 0 and (st is None or st["ratios"] is None)
+
+    def choose(self, bucket, choice: Choice, backend: Backend) -> str:
+        """The collective for this call of ``bucket``, given the model's :class:`Choice` over the candidates.
+
+        A collective call (one small allreduce) on the call after the bucket's last trial; otherwise local.
+        """
+        if self.trials == 0:
+            return choice.algorithm
+        preds = choice.predictions
+        key = self._key(bucket)
+        st = self._buckets.get(key)
+        if st is None:
+            best = min(p.time for p in preds.values())
+            plausible = [a for a in preds if preds[a].time <= self.explore_factor * best] or [choice.algorithm]
+            st = {"plan": [a for _ in range(self.trials) for a in plausible], "next": 0, "best": {}, "ratios": None}
+            self._buckets[key] = st
+        if st["ratios"] is None:
+            if st["next"] < len(st["plan"]):
+                st["next"] += 1
+                return st["plan"][st["next"] - 1]
+            tried = list(dict.fromkeys(st["plan"]))
+            local = torch.tensor([st["best"].get(a, math.nan) for a in tried], dtype=torch.float64)
+            agreed = backend.allreduce(local) / backend.size
+            st["ratios"] = {a: float(r) for a, r in zip(tried, agreed.tolist()) if math.isfinite(r)}
+            if not st["ratios"]:  # nothing was measured (e.g. no prediction): trust the model
+                st["ratios"] = {choice.algorithm: 1.0}
+        ratios = st["ratios"]
+        worst = max(ratios.values())
+        order = list(preds)
+        return min(order, key=lambda a: (ratios.get(a, worst) * preds[a].time, a != "dense", order.index(a)))
+
+    def observe(self, bucket, algorithm: str, predicted_s: float, measured_s: float) -> None:
+        """Record one measured call of ``algorithm`` on ``bucket`` (used only while its trials run)."""
+        st = self._buckets.get(self._key(bucket))
+        if st is None or st["ratios"] is not None or not predicted_s > 0 or not math.isfinite(measured_s):
+            return
+        ratio = measured_s / predicted_s
+        st["best"][algorithm] = min(ratio, st["best"].get(algorithm, math.inf))
+
+    def ratios(self) -> dict:
+        """``{bucket: {algorithm: measured/predicted}}`` for the buckets whose trials are done."""
+        return {k: dict(v["ratios"]) for k, v in self._buckets.items() if v["ratios"] is not None}
+
+    def state_dict(self) -> dict:
+        return {"trials": self.trials, "explore_factor": self.explore_factor,
+                "buckets": {k: {"plan": list(v["plan"]), "next": v["next"], "best": dict(v["best"]),
+                                "ratios": None if v["ratios"] is None else dict(v["ratios"])}
+                            for k, v in self._buckets.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trials = int(state.get("trials", self.trials))
+        self.explore_factor = float(state.get("explore_factor", self.explore_factor))
+        self._buckets = {k: {"plan": list(v["plan"]), "next": int(v["next"]), "best": dict(v["best"]),
+                             "ratios": None if v["ratios"] is None else dict(v["ratios"])}
+                         for k, v in state.get("buckets", {}).items()}
 
 
 def _time_allreduce(backend: Backend, t: torch.Tensor, repeats: int) -> float:
