@@ -76,8 +76,8 @@ def main() -> None:
 
     base = statistics.mean(r["test_accuracy"] for r in runs.get("ddp", [])) if "ddp" in runs else None
     print()
-    print(f"| configuration | test accuracy (%) | vs plain DDP (points) | bytes_dense / bytes_sent | "
-          f"per-step ratio after warm-up | density | wall-clock (s) |")
+    print("| configuration | test accuracy (%) | vs plain DDP (points) | bytes_dense / bytes_sent | "
+          "per-step ratio after warm-up | density | wall-clock (s) |")
     print("|---|---|---|---|---|---|---|")
     for config, rs in runs.items():
         acc = statistics.mean(r["test_accuracy"] for r in rs)

@@ -402,7 +402,7 @@ class SecondMomentCollector:
         if weight is None or not weight.requires_grad:
             return
         num, dim = module.num_embeddings, module.embedding_dim
-        keys, rows = [], []
+        keys = []
         for n_off, (idx, dy) in enumerate(items):
             dy = dy.float()
             if module.scale_grad_by_freq:

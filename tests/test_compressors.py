@@ -1,6 +1,5 @@
 """Selection rules against direct references (no communication)."""
 
-import math
 
 import pytest
 import torch

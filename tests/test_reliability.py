@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsedist
 from sparsedist import checkpoint
-from sparsedist.testing import DistributedTestError, run_distributed
+from sparsedist.testing import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
