@@ -53,9 +53,16 @@ class ErrorFeedback:
             return torch.zeros(like.numel(), dtype=accumulator_dtype(like.dtype), device=like.device)
         return r * scale if scale != 1.0 else r.clone()
 
-    def update(self, key: int, acc: torch.Tensor, sent: SparseGrad, scale: float = 1.0) -> None:
-        """Store ``acc - sent`` (``acc`` is consumed) as the residual of ``key``, in unscaled units."""
+    def update(self, key: int, acc: torch.Tensor, sent: SparseGrad, scale: float = 1.0, *,
+               sent_all: bool = False) -> None:
+        """Store ``acc - sent`` (``acc`` is consumed) as the residual of ``key``, in unscaled units.
+
+        ``sent_all``: ``sent`` carried every entry of ``acc``; the residual is zero and is dropped (no arithmetic).
+        """
         if not self.enabled:
+            return
+        if sent_all:
+            self.residuals.pop(key, None)
             return
         if sent.nnz:
             values = sent.values.to(acc.dtype)

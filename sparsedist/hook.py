@@ -329,7 +329,8 @@ class SparsifyState:
         self.telemetry.load_state_dict(state.get("telemetry", {}))
         auto = state.get("auto")
         here = self.backend.size if self._backend is not None or dist.is_initialized() else None
-        if auto is not None and state.get("world_size") in (None, here):  # collective='auto' resumes with the same model, ratios and fill-in as it saved
+        # collective='auto' resumes with the same model, ratios and fill-in as it saved (at the same world size)
+        if auto is not None and state.get("world_size") in (None, here):
             from .collectives.choose import CostModel
 
             if auto.get("cost_model") is not None:
@@ -391,13 +392,29 @@ class SparsifyState:
                                    f"{self.step}: {exc}") from exc
         dense_step = self.masks is not None and bool(self.masks.needs_dense_gradient())
         dense = self.compressor is None and self.masks is None or (dense_step and not self.feedback.enabled)
-        if dense and self.timeout is None and not synchronous and type(self.backend) is TorchBackend:
+        asynchronous = self.timeout is None and not synchronous and type(self.backend) is TorchBackend
+        if dense and asynchronous:
             return self._dense(bucket, buffer, "allreduce")
+        decided = None
         try:
+            if not dense and not self._shared_path(dense_step):
+                # the collective is decided before selection, identically on every rank
+                layout = (bucket.index(), buffer.numel())
+                decided = self._algorithm(layout, params, [self._key(p) for p in params], buffer.numel(),
+                                          self.value_dtype or buffer.dtype)
+                if (asynchronous and self._sends_all(decided) and not self.tuner.tuning(layout)
+                        and self.masks is None and self.value_dtype in (None, buffer.dtype)
+                        and not any(self._key(p) in self.feedback.residuals for p in params)):
+                    # auto chose the dense sum and no residual is left to flush: plain DDP's asynchronous
+                    # allreduce, overlapped with the rest of the backward pass
+                    self.telemetry.record_choice("dense", decided[1].predictions["dense"].time, 0.0)
+                    return self._dense(bucket, buffer, "dense")
             if dense:
                 out = self._dense_sync(bucket, buffer)
+            elif self._sends_all(decided) and self._flushable(buffer):
+                out = self._send_all(bucket, buffer, params, decided)
             else:
-                out = self._sparse(bucket, buffer, params, dense_step)
+                out = self._sparse(bucket, buffer, params, dense_step, decided)
         except RuntimeError as exc:
             raise RuntimeError(f"sparsedist: exchange of DDP bucket {bucket.index()} ({len(params)} parameters, "
                                f"{buffer.numel()} elements) failed at step {self.step}: {exc}") from exc
@@ -465,8 +482,66 @@ class SparsifyState:
         self._end_bucket(bucket)
         return fut
 
+    def _flushable(self, buffer: torch.Tensor) -> bool:
+        """True if residuals can be added into the bucket buffer without rounding (fp32/fp64 gradients sent in
+        their own dtype, no packed active sets)."""
+        return (self.masks is None and self.value_dtype in (None, buffer.dtype)
+                and accumulator_dtype(buffer.dtype) == buffer.dtype)
+
+    def _send_all(self, bucket: dist.GradBucket, buffer: torch.Tensor, params: list[torch.Tensor],
+                  decided: tuple) -> torch.Tensor:
+        """auto's dense choice, synchronously: flush the residuals into the gradients, allreduce the whole bucket
+        (scaled by 1/P first, as DDP does), drop the residuals. If the sum is not finite (some rank overflowed),
+        the residuals are put back untouched and the NaN/inf result reaches GradScaler on every rank."""
+        backend = self.backend
+        started = time.perf_counter()
+        layout = (bucket.index(), buffer.numel())
+        tuning = decided[1] is not None and self.tuner.tuning(layout)
+        scale = self._loss_scale()
+        base, esize = buffer.data_ptr(), buffer.element_size()
+        flushed = {}
+        for p, g in zip(params, bucket.gradients()):
+            key = self._key(p)
+            r = self.feedback.residuals.get(key) if self.feedback.enabled else None
+            if r is not None and r.numel() == g.numel():
+                off = (g.data_ptr() - base) // esize
+                buffer[off:off + g.numel()].add_(r.reshape(-1), alpha=scale)
+                flushed[key] = r
+        before = (backend.bytes_sent, backend.bytes_received)
+        buffer.mul_(1.0 / backend.size)
+        backend.allreduce(buffer)
+        bad = not bool(torch.isfinite(buffer).all())
+        for key, r in flushed.items():
+            if bad:
+                self.feedback.residuals[key] = r  # nothing is lost on an overflow step
+            else:
+                del self.feedback.residuals[key]
+        self._record_time(layout, "dense", decided[1], tuning, started, buffer)
+        self.telemetry.record_bucket(sent_bytes=backend.bytes_sent - before[0],
+                                     received_bytes=backend.bytes_received - before[1],
+                                     dense_bytes=ring_allreduce_bytes(buffer.numel(), esize, backend.size),
+                                     elements_sent=0 if bad else buffer.numel(), elements_total=buffer.numel(),
+                                     collective="dense")
+        self._end_bucket(bucket, overflow=bad)
+        return buffer
+
+    @staticmethod
+    def _contiguous(units: list[_Unit], numel: int) -> bool:
+        """True if the units tile the bucket buffer in order (no packed active sets)."""
+        offset = 0
+        for u in units:
+            if u.index_map is not None or u.offset != offset:
+                return False
+            offset += u.numel
+        return offset == numel
+
+    def _sends_all(self, decided: tuple | None) -> bool:
+        """True if auto chose the dense sum for a compressor that may send everything (no selection)."""
+        return (decided is not None and decided[0] == "dense" and self.collective == "auto"
+                and self.compressor is not None and self.compressor.dense_fallback)
+
     def _sparse(self, bucket: dist.GradBucket, buffer: torch.Tensor, params: list[torch.Tensor],
-                dense_step: bool) -> torch.Tensor:
+                dense_step: bool, decided: tuple | None = None) -> torch.Tensor:
         backend = self.backend
         world = backend.size
         scale = self._loss_scale()
@@ -480,6 +555,14 @@ class SparsifyState:
 
         units: list[_Unit] = []
         sent_before = (backend.bytes_sent, backend.bytes_received)
+        started = time.perf_counter()  # the exchange's measured time includes accumulation and selection
+        layout = (bucket.index(), buffer.numel())
+        if decided is None and not self._shared_path(dense_step):  # (exchange() decides; exchange_flat too)
+            decided = self._algorithm(layout, params, keys, buffer.numel(), wire_dtype)
+        tuning = decided is not None and decided[1] is not None and self.tuner.tuning(layout)
+        # auto chose the dense sum: skip selection and send everything (the residual is flushed into it)
+        full_dense = self._sends_all(decided)
+        full = dense_step or full_dense
 
         # 1. accumulate (error feedback) and select, unless this rank's gradient is not finite.
         if finite:
@@ -506,8 +589,8 @@ class SparsifyState:
                 else:
                     acc = self.compressor.accumulate(key, g, residual)
                 units.append(_Unit(key, acc, off, index_map))
-            self._select(units, params, dense_step)
-        elif self._shared_path(dense_step):
+            self._select(units, params, full)
+        elif self._shared_path(full):
             # Shared indices are known without the values: take part with zeros and raise the flag.
             for p, g, off, key in zip(params, grads, offsets, keys):
                 mask = None if (self.masks is None or dense_step) else self.masks.mask_of(p)
@@ -515,25 +598,29 @@ class SparsifyState:
                 n = index_map.numel() if index_map is not None else g.numel()
                 units.append(_Unit(key, torch.zeros(n, dtype=accumulator_dtype(g.dtype), device=g.device),
                                    off, index_map))
-            self._select(units, params, dense_step)
+            self._select(units, params, full)
 
         # 2. communicate.
-        out = torch.zeros(buffer.numel(), dtype=accumulator_dtype(buffer.dtype), device=buffer.device)
-        shared = self._shared_path(dense_step)
+        shared = self._shared_path(full)
+        in_order = full_dense and self._contiguous(units, buffer.numel())  # every entry, in bucket order
+        out = None if in_order else \
+            torch.zeros(buffer.numel(), dtype=accumulator_dtype(buffer.dtype), device=buffer.device)
         if shared:
-            collective = "allreduce" if dense_step else "values_allreduce"
-            idx = torch.cat([u.bucket_indices(u.payload.indices) for u in units]) if units else \
-                torch.empty(0, dtype=torch.int64, device=buffer.device)
+            collective = "allreduce" if dense_step else "dense" if full_dense else "values_allreduce"
             vals = torch.cat([u.payload.values.to(wire_dtype) for u in units] +
                              [torch.tensor([0.0 if finite else 1.0], dtype=wire_dtype, device=buffer.device)])
             vals = backend.allreduce(vals)
             any_bad = bool(vals[-1] != 0) or not bool(torch.isfinite(vals[:-1]).all())
-            scatter_add(out, idx, vals[:-1])
+            if in_order:  # no scatter
+                out = vals[:-1].to(accumulator_dtype(buffer.dtype))
+            else:
+                idx = torch.cat([u.bucket_indices(u.payload.indices) for u in units]) if units else \
+                    torch.empty(0, dtype=torch.int64, device=buffer.device)
+                scatter_add(out, idx, vals[:-1])
+            if full_dense:
+                self._record_time(layout, collective, decided[1], tuning, started, out)
         else:
-            layout = (bucket.index(), buffer.numel())
-            collective, choice = self._algorithm(layout, params, keys, buffer.numel(), wire_dtype)
-            tuning = choice is not None and self.tuner.tuning(layout)
-            started = time.perf_counter()
+            collective, choice = decided
             if finite:
                 idx = torch.cat([u.bucket_indices(u.payload.indices) for u in units])
                 vals = torch.cat([u.payload.values for u in units])
@@ -566,13 +653,7 @@ class SparsifyState:
                     out.add_(sparse_allreduce(idx, vals, buffer.numel(), algorithm=collective, backend=backend))
                 any_bad = not bool(torch.isfinite(out).all())
             self._last_union[layout] = int(torch.count_nonzero(out))
-            if tuning and out.device.type == "cuda":
-                torch.cuda.synchronize(out.device)  # time the collective, not its launch
-            elapsed = time.perf_counter() - started
-            predicted = None if choice is None else choice.predictions[collective].time
-            if tuning:
-                self.tuner.observe(layout, collective, predicted, elapsed)
-            self.telemetry.record_choice(collective, predicted, elapsed)
+            self._record_time(layout, collective, choice, tuning, started, out)
         sent_b, recv_b = backend.bytes_sent - sent_before[0], backend.bytes_received - sent_before[1]
 
         # 3. commit residuals and compressor state only if the step is good on every rank.
@@ -584,7 +665,7 @@ class SparsifyState:
         else:
             for u in units:
                 sent = SparseGrad(u.payload.indices, u.payload.values.to(wire_dtype), u.numel)
-                self.feedback.update(u.key, u.acc, sent, scale)
+                self.feedback.update(u.key, u.acc, sent, scale, sent_all=full_dense)
                 if self.compressor is not None and not dense_step:
                     self.compressor.after_send(u.key, u.payload)
         out.div_(world)
@@ -595,6 +676,17 @@ class SparsifyState:
                                      collective=collective)
         self._end_bucket(bucket, overflow=any_bad)
         return buffer
+
+    def _record_time(self, layout: tuple, collective: str, choice: Any, tuning: bool, started: float,
+                     out: torch.Tensor) -> None:
+        """Telemetry of one exchange's time (selection included) and, during auto's trials, the tuner's sample."""
+        if tuning and out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)  # time the collective, not its launch
+        elapsed = time.perf_counter() - started
+        predicted = None if choice is None else choice.predictions[collective].time
+        if tuning:
+            self.tuner.observe(layout, collective, predicted, elapsed)
+        self.telemetry.record_choice(collective, predicted, elapsed)
 
     def _algorithm(self, layout: tuple, params: list[torch.Tensor], keys: list[int], numel: int,
                    wire_dtype: torch.dtype) -> tuple[str, Any]:
@@ -665,9 +757,9 @@ class SparsifyState:
         # (A rank without payloads has a non-finite gradient: it sends nothing and no rank decodes this step.)
         return None
 
-    def _select(self, units: list[_Unit], params: list[torch.Tensor], dense_step: bool) -> None:
-        """Fill ``unit.payload`` for every unit (indices local to the unit)."""
-        full = self.compressor is None or dense_step
+    def _select(self, units: list[_Unit], params: list[torch.Tensor], send_all: bool) -> None:
+        """Fill ``unit.payload`` for every unit (indices local to the unit); ``send_all``: every entry."""
+        full = self.compressor is None or send_all
         world = self.world_size
         rank = self.backend.rank
 

@@ -22,11 +22,12 @@ The keys of :meth:`Telemetry.as_dict` are public API:
 ``overflow_steps``
     steps on which some rank had a non-finite gradient (the result was NaN, residuals untouched).
 ``collectives``
-    how many times each exchange path was used, e.g. ``{"allgather": 120, "allreduce": 3}``.
+    how many times each exchange path was used, e.g. ``{"allgather": 120, "allreduce": 3}``. Under
+    ``collective="auto"``, ``"dense"`` counts buckets that auto sent in full (no selection, residual flushed).
 ``collective_time``
     per sparse collective algorithm: ``{"calls", "measured_s", "predicted_s"}``, the summed measured seconds
-    of the exchange and, when the algorithm was picked by the cost model (``collective="auto"``), the summed
-    predicted seconds of those calls (else None).
+    of the bucket's exchange (error-feedback accumulation and selection included) and, when the algorithm was
+    picked by the cost model (``collective="auto"``), the summed predicted seconds of those calls (else None).
 ``auto_ratios``
     ``collective="auto"`` only: per bucket (``"index:numel"``) whose trials are done, the measured/predicted
     time ratio of each collective tried, averaged over ranks (:class:`sparsedist.collectives.choose.AutoTuner`);

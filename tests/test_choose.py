@@ -238,14 +238,31 @@ def test_autotuner_tries_plausible_candidates_then_follows_measured_ratios():
         AutoTuner(explore_factor=0.5)
 
 
-def test_autotuner_keeps_the_slowest_ratio_for_candidates_never_tried():
+def test_autotuner_second_look_and_untried_candidates():
+    """Left out by the model, a candidate is still tried when its bare prediction is within explore_factor of the
+    best measured time; candidates never tried take the largest agreed ratio."""
     from sparsedist.collectives.choose import AutoTuner
 
     model = CostModel(alpha=20e-6, beta=1e-9)
     choice = model.choose(1_000_000, 10_000, 2)
     preds = {a: p.time for a, p in choice.predictions.items()}
-    tuner = AutoTuner(trials=1, explore_factor=1.0)  # only the model's pick is tried
-    algo = tuner.choose("b", choice, backend=None)
-    assert algo == choice.algorithm
-    tuner.observe("b", algo, preds[algo], 2 * preds[algo])
-    assert tuner.choose("b", choice, backend=_SumOfTwo([2.0])) == choice.algorithm  # all others get ratio 2 too
+    pick = choice.algorithm
+    tuner = AutoTuner(trials=1, explore_factor=1.0)  # first only the model's pick
+    assert tuner.choose("b", choice, backend=None) == pick
+    tuner.observe("b", pick, preds[pick], 3 * preds[pick])  # 3x slower than predicted
+    extra = [a for a in preds if a != pick and preds[a] <= 3 * preds[pick]]
+    assert extra, "the test needs a candidate priced between 1x and 3x the pick"
+    tried = []
+    for _ in extra:  # the second look: one trial each (the first agreement is one allreduce)
+        algo = tuner.choose("b", choice, backend=_SumOfTwo([3.0]))
+        tried.append(algo)
+        tuner.observe("b", algo, preds[algo], preds[algo])  # exactly as predicted
+    assert tried == extra and tuner.tuning("b")
+    final = tuner.choose("b", choice, backend=_SumOfTwo([1.0] * len(extra)))
+    assert not tuner.tuning("b")
+    ratios = tuner.ratios()["b"]
+    assert ratios[pick] == pytest.approx(3.0) and all(ratios[a] == pytest.approx(1.0) for a in extra)
+    never = [a for a in preds if a not in ratios]
+    expect = min(preds, key=lambda a: (ratios.get(a, 3.0) * preds[a], a != "dense", list(preds).index(a)))
+    assert final == expect
+    assert all(a not in tried for a in never)

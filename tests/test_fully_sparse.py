@@ -90,4 +90,5 @@ def test_fully_sparse_rejects_a_second_exchange_choice():
     with pytest.raises(ValueError, match="--grad-compressor"):
         example.resolve_exchange(args)
     dense = example.build_parser().parse_args(["--compressor", "ddp", "--fully-sparse"])
-    assert example.resolve_exchange(dense) == ("topk", {"density": 0.05, "value_dtype": "float32", "granularity": "bucket"})
+    expect = {"density": 0.05, "value_dtype": "float32", "granularity": "bucket"}
+    assert example.resolve_exchange(dense) == ("topk", expect)

@@ -84,6 +84,10 @@ def scenario(rank, ws):
     out["auto_slow"] = _train(rank, "topk", {"density": 0.01, "collective": "auto", "auto_trials": 0,
                                               "cost_model": CostModel(alpha=1e-6, beta=1e-6)})
     out["auto_probe"] = _train(rank, "topk", {"density": 0.01, "collective": "auto"})
+    out["plain"] = _train(rank, "none", {})
+    # the same through the synchronous path (a timeout makes every exchange synchronous)
+    out["auto_dense_sync"] = _train(rank, "topk", {"density": 0.9, "collective": "auto", "auto_trials": 0,
+                                                    "timeout": 60.0, "cost_model": CostModel(alpha=1e-6, beta=1e-9)})
     # measured choice: each plausible collective timed twice per bucket, ratios agreed, then the fastest
     out["auto_tuned"] = _train(rank, "topk", {"density": 0.05, "collective": "auto",
                                                "cost_model": CostModel(alpha=1e-5, beta=1e-9)}, steps=14)
@@ -156,3 +160,41 @@ def test_auto_tuning_agrees_across_ranks(results):
     tried = {a for r in ratios.values() for a in r}
     assert len(tried) >= 2 and tried <= set(stats[0]["collectives"]), (tried, stats[0]["collectives"])
     assert all(v > 0 for r in ratios.values() for v in r.values())
+
+
+def test_auto_dense_sends_everything_and_flushes_the_residual(results):
+    """When auto picks the dense sum it skips selection: the step is an uncompressed one (no residual left)."""
+    for r in results:
+        for key in ("auto_dense", "auto_dense_sync"):  # the model prices the dense sum cheapest at 90 % density
+            flat, stats = r[key]
+            assert set(stats["collectives"]) == {"dense"}, stats["collectives"]
+            assert stats["density"] == 1.0 and stats["residual_norm"] == 0.0
+            torch.testing.assert_close(flat, r["plain"][0], rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(results[0]["auto_dense"][0], r["auto_dense"][0]) for r in results)
+
+
+def _auto_resume(rank, ws):
+    """collective='auto' state (probed model, agreed ratios, fill-in) survives state_dict()/load_state_dict()."""
+    torch.manual_seed(0)
+    model = _net()
+    ddp = DDP(model, bucket_cap_mb=0.005)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    state = sparsedist.register(ddp, "topk", density=0.05, collective="auto", auto_trials=1)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(8):
+        opt.zero_grad()
+        x, y = torch.randn(16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    saved = state.state_dict()
+    fresh = sparsedist.SparsifyState(ddp, sparsedist.compressors.TopKCompressor(0.05), collective="auto")
+    fresh.load_state_dict(saved)
+    return (state.tuner.ratios(), fresh.tuner.ratios(), state.cost_model.state_dict(), fresh.cost_model.state_dict(),
+            state._last_union, fresh._last_union)
+
+
+def test_auto_state_round_trips_through_state_dict():
+    for ratios, restored, model, restored_model, union, restored_union in run_distributed(_auto_resume, 2, timeout=120):
+        assert ratios and ratios == restored
+        assert model == restored_model
+        assert union and union == restored_union

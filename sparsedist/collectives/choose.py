@@ -433,8 +433,11 @@ class AutoTuner:
     The tuner measures instead of trusting: the first ``trials * len(plausible)`` calls of each bucket run every
     *plausible* candidate (predicted within ``explore_factor`` of the best prediction) ``trials`` times,
     interleaved; each rank keeps, per candidate, the smallest ratio of measured to predicted time (the fastest
-    of the trials: warm-up and contention only add time); one allreduce averages the ratios over ranks, and from
-    then on the bucket uses the candidate with the smallest ``ratio * predicted time``. The model keeps the
+    of the trials: warm-up and contention only add time); one allreduce averages the ratios over ranks. Once,
+    candidates left out are then tried too if even their bare prediction is within ``explore_factor`` of the
+    best *measured* time (the model underprices sparse collectives, so dense can be left out at first on a fast
+    link); their ratios are agreed the same way. From then on the bucket uses the candidate with the smallest
+    ``ratio * predicted time``. The model keeps the
     scaling with the count (a density schedule, a changing union), the ratios supply what it misses; candidates
     never tried take the largest measured ratio. Every rank calls in the same order with the same arguments and
     ends with the same ratios, so choices are identical everywhere.
@@ -478,18 +481,30 @@ class AutoTuner:
         if st is None:
             best = min(p.time for p in preds.values())
             plausible = [a for a in preds if preds[a].time <= self.explore_factor * best] or [choice.algorithm]
-            st = {"plan": [a for _ in range(self.trials) for a in plausible], "next": 0, "best": {}, "ratios": None}
+            st = {"plan": [a for _ in range(self.trials) for a in plausible], "next": 0, "best": {}, "agreed": {},
+                  "extended": False, "ratios": None}
             self._buckets[key] = st
-        if st["ratios"] is None:
+        while st["ratios"] is None:
             if st["next"] < len(st["plan"]):
                 st["next"] += 1
                 return st["plan"][st["next"] - 1]
-            tried = list(dict.fromkeys(st["plan"]))
+            tried = [a for a in dict.fromkeys(st["plan"]) if a not in st["agreed"]]
             local = torch.tensor([st["best"].get(a, math.nan) for a in tried], dtype=torch.float64)
             agreed = backend.allreduce(local) / backend.size
-            st["ratios"] = {a: float(r) for a, r in zip(tried, agreed.tolist()) if math.isfinite(r)}
-            if not st["ratios"]:  # nothing was measured (e.g. no prediction): trust the model
-                st["ratios"] = {choice.algorithm: 1.0}
+            st["agreed"].update({a: float(r) for a, r in zip(tried, agreed.tolist()) if math.isfinite(r)})
+            if not st["agreed"]:  # nothing was measured (e.g. no prediction): trust the model
+                st["agreed"] = {choice.algorithm: 1.0}
+            # A second look, once: a candidate not tried because the model priced it far above the best
+            # *prediction* is tried if even its bare prediction is within explore_factor of the best *measured*
+            # time (e.g. dense, whose prediction is honest, against sparse collectives that cost far more than
+            # predicted once selection and densifying are counted).
+            best = min(r * preds[a].time for a, r in st["agreed"].items() if a in preds)
+            extra = [a for a in preds if a not in st["agreed"] and preds[a].time <= self.explore_factor * best]
+            if extra and not st["extended"]:
+                st["extended"] = True
+                st["plan"] += [a for _ in range(self.trials) for a in extra]
+            else:
+                st["ratios"] = dict(st["agreed"])
         ratios = st["ratios"]
         worst = max(ratios.values())
         order = list(preds)
@@ -510,6 +525,7 @@ class AutoTuner:
     def state_dict(self) -> dict:
         return {"trials": self.trials, "explore_factor": self.explore_factor,
                 "buckets": {k: {"plan": list(v["plan"]), "next": v["next"], "best": dict(v["best"]),
+                                "agreed": dict(v["agreed"]), "extended": v["extended"],
                                 "ratios": None if v["ratios"] is None else dict(v["ratios"])}
                             for k, v in self._buckets.items()}}
 
@@ -517,6 +533,7 @@ class AutoTuner:
         self.trials = int(state.get("trials", self.trials))
         self.explore_factor = float(state.get("explore_factor", self.explore_factor))
         self._buckets = {k: {"plan": list(v["plan"]), "next": int(v["next"]), "best": dict(v["best"]),
+                             "agreed": dict(v.get("agreed", {})), "extended": bool(v.get("extended", False)),
                              "ratios": None if v["ratios"] is None else dict(v["ratios"])}
                          for k, v in state.get("buckets", {}).items()}
 

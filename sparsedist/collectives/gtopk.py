@@ -51,7 +51,8 @@ Deviations from Ok-Topk, stated:
 
 Volume per rank on a threshold-reuse or estimation call, with balanced ranges: ``(P-1)/P * k`` entries sent in
 step 2 and about ``(P-1)/P * k`` received in step 4 (plus the estimation's counts), i.e. about ``4k (P-1)/P``
-32-bit words with int32 indices and fp32 values, against Ok-Topk's bound of ``6k (P-1)/P`` words (its Eq. 3, which counts an entry as two words).
+32-bit words with int32 indices and fp32 values, against Ok-Topk's bound of ``6k (P-1)/P`` words (its Eq. 3,
+which counts an entry as two words).
 """
 
 from __future__ import annotations

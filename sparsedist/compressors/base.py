@@ -87,11 +87,15 @@ class Compressor:
         needs_second_moment: True if :meth:`compress` needs ``ctx.second_moment`` (variance-based selection);
             :func:`sparsedist.register` then installs the module hooks that compute it.
         shared_indices: True if every rank selects the same indices (values-only allreduce is valid).
+        dense_fallback: True if sending every entry of the accumulator is a sound step of this method, so that
+            ``collective="auto"`` may skip selection and allreduce everything when that is fastest (a fast link);
+            the residual is then flushed. False for DGC, whose momentum factor masking would zero its momentum.
     """
 
     name = "base"
     needs_second_moment = False
     shared_indices = False
+    dense_fallback = True
 
     def accumulate(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """Return the accumulator to select from: ``grad + residual`` (a new tensor; inputs untouched).

@@ -68,6 +68,7 @@ class DGCCompressor(Compressor):
     """
 
     name = "dgc"
+    dense_fallback = False  # a full send would zero the momentum everywhere (factor masking)
 
     def __init__(self, density: float = 0.001, momentum: float = 0.9, nesterov: bool = False,
                  clip_norm: float | None = None, warmup_steps: int = 0, warmup_stages: int = 4,
