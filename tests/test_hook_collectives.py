@@ -198,3 +198,32 @@ def test_auto_state_round_trips_through_state_dict():
         assert ratios and ratios == restored
         assert model == restored_model
         assert union and union == restored_union
+
+
+def _auto_dense_flush(rank, ws):
+    """auto's dense choice flushes a residual into the sum; on an overflow step the residual is kept untouched."""
+    model = Const(400)
+    ddp = DDP(model)
+    state = sparsedist.register(ddp, "topk", density=0.9, collective="auto", auto_trials=0,
+                                cost_model=CostModel(alpha=1e-6, beta=1e-9))
+    key = state._key(model.w)
+    residual = torch.full((400,), 0.5 + rank)  # as if earlier sparse steps had left it
+    state.feedback.residuals[key] = residual.clone()
+    opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
+    c = torch.ones(400)
+    opt.zero_grad()
+    (ddp(c) * (float("inf") if rank == 0 else 1.0)).backward()  # rank 0 overflows
+    kept = state.feedback.residuals.get(key)
+    overflow_grad_finite = bool(torch.isfinite(model.w.grad).all())
+    opt.zero_grad()
+    ddp(c).backward()  # a good step: gradient 1 everywhere plus the residual, averaged over ranks
+    return kept, overflow_grad_finite, model.w.grad.clone(), state.feedback.residuals.get(key), state.stats()
+
+
+def test_auto_dense_flushes_the_residual_and_keeps_it_on_overflow():
+    out = run_distributed(_auto_dense_flush, 2, timeout=60)
+    for rank, (kept, finite, grad, after, stats) in enumerate(out):
+        torch.testing.assert_close(kept, torch.full((400,), 0.5 + rank))  # untouched by the overflow step
+        assert not finite and stats["overflow_steps"] == 1
+        torch.testing.assert_close(grad, torch.full((400,), 1.0 + (0.5 + 1.5) / 2))  # mean of (1 + r_i)
+        assert after is None and stats["collectives"] == {"dense": 2}
