@@ -266,3 +266,24 @@ def test_autotuner_second_look_and_untried_candidates():
     expect = min(preds, key=lambda a: (ratios.get(a, 3.0) * preds[a], a != "dense", list(preds).index(a)))
     assert final == expect
     assert all(a not in tried for a in never)
+
+
+def test_autotuner_prefers_a_measured_dense_sum_within_its_margin():
+    from sparsedist.collectives.choose import AutoTuner
+
+    model = CostModel(alpha=20e-6, beta=1e-9)
+    choice = model.choose(1_000_000, 10_000, 2)
+    preds = {a: p.time for a, p in choice.predictions.items()}
+    sparse = min((a for a in preds if a != "dense"), key=lambda a: preds[a])
+    for margin, dense_slower, expect in ((0.25, 1.2, "dense"), (0.25, 1.3, sparse), (0.0, 1.01, sparse)):
+        tuner = AutoTuner(trials=1, explore_factor=1e9, dense_margin=margin)  # every candidate tried once
+        measured = {}
+        for _ in preds:
+            algo = tuner.choose("b", choice, backend=None)
+            measured[algo] = preds[sparse] * (dense_slower if algo == "dense" else 1.0 if algo == sparse else 5.0)
+            tuner.observe("b", algo, preds[algo], measured[algo])
+        ratios = [measured[a] / preds[a] for a in dict.fromkeys(preds)]
+        # the other rank measured the same: the agreed ratios are these
+        assert tuner.choose("b", choice, backend=_SumOfTwo(ratios)) == expect, (margin, dense_slower)
+    with pytest.raises(ValueError, match="dense_margin"):
+        AutoTuner(dense_margin=-0.1)
