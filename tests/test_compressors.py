@@ -202,3 +202,25 @@ def test_error_feedback_conserves_gradient_mass():
             sent_total += p.to_dense()
             fb.update(0, acc, p)
         torch.testing.assert_close(sent_total + fb.residuals[0], raw, atol=1e-4, rtol=1e-5)
+
+
+def test_randk_shared_indices_are_a_uniform_subset():
+    """k << n takes the O(k log k) path (draw with replacement, distinct, random k of them): every index is as
+    likely as any other, and pairs too (a chi-square test over seeded draws; deterministic)."""
+    n, k, draws = 40, 4, 6000
+    single = torch.zeros(n)
+    pairs = torch.zeros(n, n)
+    for s in range(draws):
+        idx = shared_random_indices(n, k, seed=s, step=0, key=0)
+        assert idx.numel() == k and idx.unique().numel() == k and 0 <= int(idx.min()) and int(idx.max()) < n
+        single[idx] += 1
+        pairs[idx.unsqueeze(1), idx.unsqueeze(0)] += 1
+    expect = draws * k / n
+    chi2 = float(((single - expect) ** 2 / expect).sum())
+    assert chi2 < 80, chi2  # 39 degrees of freedom: p < 1e-4 above 80
+    off = pairs[~torch.eye(n, dtype=torch.bool)]
+    expect_pair = draws * k * (k - 1) / (n * (n - 1))
+    chi2_pairs = float(((off - expect_pair) ** 2 / expect_pair).sum()) / 2  # each unordered pair counted twice
+    assert chi2_pairs < 900, chi2_pairs  # 779 pairs: mean 779, sd ~39
+    big = shared_random_indices(25_000_000, 25_000, seed=1, step=2, key=3)
+    assert big.numel() == 25_000 and big.unique().numel() == 25_000
