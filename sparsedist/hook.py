@@ -684,7 +684,7 @@ class SparsifyState:
             torch.cuda.synchronize(out.device)  # time the collective, not its launch
         elapsed = time.perf_counter() - started
         predicted = None if choice is None else choice.predictions[collective].time
-        if tuning:
+        if choice is not None:  # the trials, then the periodic refresh of what runs
             self.tuner.observe(layout, collective, predicted, elapsed)
         self.telemetry.record_choice(collective, predicted, elapsed)
 

@@ -287,3 +287,35 @@ def test_autotuner_prefers_a_measured_dense_sum_within_its_margin():
         assert tuner.choose("b", choice, backend=_SumOfTwo(ratios)) == expect, (margin, dense_slower)
     with pytest.raises(ValueError, match="dense_margin"):
         AutoTuner(dense_margin=-0.1)
+
+
+class _Twice:
+    """World size 2, the other rank measured exactly the same (allreduce doubles)."""
+
+    size = 2
+
+    def allreduce(self, t):
+        return t * 2
+
+
+def test_autotuner_refresh_corrects_a_choice_made_on_noisy_trials():
+    from sparsedist.collectives.choose import AutoTuner
+
+    model = CostModel(alpha=20e-6, beta=1e-9)
+    choice = model.choose(1_000_000, 10_000, 2)
+    preds = {a: p.time for a, p in choice.predictions.items()}
+    tuner = AutoTuner(trials=1, explore_factor=1e9, dense_margin=0.0, refresh_every=4)
+    a, b = sorted((x for x in preds if x != "dense"), key=lambda x: preds[x])[:2]
+    true = {x: preds[x] * (3.0 if x == a else 1.0 if x == b else 10.0) for x in preds}  # b is really the fastest
+    lucky = {x: true[x] for x in preds}
+    lucky[a] = preds[a] * 0.5  # a's single trial was lucky
+    for _ in preds:
+        algo = tuner.choose("b", choice, backend=_Twice())
+        tuner.observe("b", algo, preds[algo], lucky[algo])
+    picks = []
+    for _ in range(12):
+        algo = tuner.choose("b", choice, backend=_Twice())
+        picks.append(algo)
+        tuner.observe("b", algo, preds[algo], true[algo])
+    assert picks[0] == a, "the lucky trial wins first"
+    assert picks[-1] == b and tuner.ratios()["b"][a] == pytest.approx(3.0), picks
