@@ -400,11 +400,11 @@ class SparsifyState:
             if not dense and not self._shared_path(dense_step):
                 # the collective is decided before selection, identically on every rank
                 layout = (bucket.index(), buffer.numel())
-                decided = self._algorithm(layout, params, [self._key(p) for p in params], buffer.numel(),
-                                          self.value_dtype or buffer.dtype)
+                keys = [self._key(p) for p in params]
+                decided = self._algorithm(layout, params, keys, buffer.numel(), self.value_dtype or buffer.dtype)
                 if (asynchronous and self._sends_all(decided) and not self.tuner.tuning(layout)
                         and self.masks is None and self.value_dtype in (None, buffer.dtype)
-                        and not any(self._key(p) in self.feedback.residuals for p in params)):
+                        and not any(key in self.feedback.residuals for key in keys)):
                     # auto chose the dense sum and no residual is left to flush: plain DDP's asynchronous
                     # allreduce, overlapped with the rest of the backward pass
                     self.telemetry.record_choice("dense", decided[1].predictions["dense"].time, 0.0)

@@ -28,6 +28,8 @@ The keys of :meth:`Telemetry.as_dict` are public API:
     per sparse collective algorithm: ``{"calls", "measured_s", "predicted_s"}``, the summed measured seconds
     of the bucket's exchange (error-feedback accumulation and selection included) and, when the algorithm was
     picked by the cost model (``collective="auto"``), the summed predicted seconds of those calls (else None).
+    A bucket that auto sends through the asynchronous allreduce (dense, no residual left) counts a call with 0
+    measured seconds: its time overlaps the backward pass and is not measured per bucket.
 ``auto_ratios``
     ``collective="auto"`` only: per bucket (``"index:numel"``) whose trials are done, the measured/predicted
     time ratio of each collective tried, averaged over ranks (:class:`sparsedist.collectives.choose.AutoTuner`);
