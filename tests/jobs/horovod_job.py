@@ -28,6 +28,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from sparsedist.collectives.backend import TorchBackend  # noqa: E402
+from sparsedist.collectives.choose import CostModel  # noqa: E402
 from sparsedist.horovod import DistributedOptimizer, HorovodBackend  # noqa: E402
 from test_hook_ddp import CONFIGS, Linear1, Net, _batches, _flat, _train  # noqa: E402
 
@@ -50,14 +51,16 @@ def _hvd_train(rank, compressor, opts, steps=4, momentum=0.0):
 # scenarios: each returns plain data (tensors, numbers, dicts)
 
 # the hook's sparse collectives (SparCML, global top-k) through Horovod; recursive doubling (and 'auto', which may
-# pick it) only at a power-of-two number of ranks. 'auto' with the model alone (auto_trials=0): measured choices
-# depend on timing, and the Horovod and DDP runs compared here are two separate runs.
+# pick it) only at a power-of-two number of ranks. 'auto' with the model alone (auto_trials=0) and one configured
+# model: measured choices and probed link parameters depend on timing, and the Horovod and DDP runs compared here
+# are two separate runs (a dense choice sends everything, unselected, so different choices give different sums).
 COLLECTIVES = [("topk", {"density": 0.05, "collective": "ssar_split_allgather"}),
                ("topk", {"density": 0.05, "collective": "dsar_split_allgather"}),
                ("threshold", {"threshold": 0.01, "collective": "ssar_split_allgather"}),
                ("topk", {"density": 0.05, "collective": "gtopk"})]
 POWER_OF_TWO = [("topk", {"density": 0.05, "collective": "ssar_recursive_double"}),
-                ("topk", {"density": 0.05, "collective": "auto", "auto_trials": 0})]
+                ("topk", {"density": 0.05, "collective": "auto", "auto_trials": 0,
+                          "cost_model": CostModel(alpha=20e-6, beta=1e-9)})]
 
 
 def sc_parity(rank, size):
