@@ -214,7 +214,11 @@ def _mpi_main() -> None:
         report["torch_sparse"] = _exercise_sparse(TorchBackend(), rank, size)
         report["master"] = [os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]]
         dist.destroy_process_group()
-        os.write(1, ("RESULT " + json.dumps(report) + "\n").encode())  # one write: lines of several ranks never interleave
+        # a file per rank: mpirun forwards each rank's stdout in chunks, so a long line from one rank can be
+        # split by another rank's output (seen in CI with this ~2.5 kB report)
+        out = Path(os.environ["SD_REPORT_DIR"]) / f"rank{rank}.json"
+        out.with_suffix(".tmp").write_text(json.dumps(report))
+        out.with_suffix(".tmp").rename(out)
     except BaseException:
         import traceback
 
@@ -242,7 +246,7 @@ pytestmark = [
 ]
 
 
-def _mpirun(np_: int, timeout: float = 90):
+def _mpirun(np_: int, report_dir: Path, timeout: float = 90):
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
@@ -250,19 +254,22 @@ def _mpirun(np_: int, timeout: float = 90):
                # no network interfaces other than loopback are needed on one node
                OMPI_MCA_btl="self,vader,tcp", OMPI_MCA_btl_tcp_if_include="lo", OMPI_MCA_oob_tcp_if_include="lo",
                # containers often forbid the cross-memory-attach single copy (ptrace scope)
-               OMPI_MCA_btl_vader_single_copy_mechanism="none")
+               OMPI_MCA_btl_vader_single_copy_mechanism="none",
+               SD_REPORT_DIR=str(report_dir))
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np_),
            sys.executable, str(Path(__file__).resolve()), "--mpi-worker"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"mpirun -np {np_} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    reports = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    files = sorted(report_dir.glob("rank*.json"))
+    assert len(files) == np_, f"expected {np_} reports, found {[f.name for f in files]}:\n{proc.stdout}\n{proc.stderr}"
+    reports = [json.loads(f.read_text()) for f in files]
     assert sorted(r["rank"] for r in reports) == list(range(np_)), proc.stdout + proc.stderr
     return reports
 
 
 @pytest.mark.parametrize("np_", [2, 3])
-def test_mpi_backend_under_mpirun(np_):
-    reports = _mpirun(np_)
+def test_mpi_backend_under_mpirun(np_, tmp_path):
+    reports = _mpirun(np_, tmp_path)
     for rep in reports:
         assert rep["size"] == np_
         # every primitive ran and was checked on every rank, over MPI (both modes) and over gloo
