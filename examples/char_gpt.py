@@ -52,12 +52,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsedist
 import sparsedist.dist
 import sparsedist.nn as snn
 from sparsedist.collectives.backend import ring_allreduce_bytes
+from sparsedist.hook import COLLECTIVES
 from sparsedist.sparsity import RigL
 
 
@@ -175,7 +177,7 @@ def mlp_activation_meter(model: nn.Module) -> snn.ActivationSparsityMeter:
 
 @torch.no_grad()
 def sparsity_report(model: CharGPT, rigl: RigL | None, meter: snn.ActivationSparsityMeter, state, steps: int,
-                    world: int, dense_steps: int) -> dict:
+                    world: int, dense_steps: int, value_bytes: int = 4) -> dict:
     """Every sparsity level of the run, measured on this rank (docs/fully_sparse.md defines each figure).
 
     ``weights``: RigL's masks (per layer and overall), the non-zeros found outside them, and the zeros actually
@@ -184,7 +186,8 @@ def sparsity_report(model: CharGPT, rigl: RigL | None, meter: snn.ActivationSpar
     ``errors``: the fraction of output error columns each meProp layer back-propagates, and of error entries
     kept between blocks (1.0 = dense). ``gradients``: the hook's telemetry (bytes against a dense ring
     allreduce of the same gradients, fraction of gradient elements sent) with the density of ordinary steps,
-    RigL's dense-gradient steps left out.
+    RigL's dense-gradient steps left out. Without a sparsedist hook the bytes are those of a ring allreduce of
+    every gradient with ``value_bytes`` per value (4: plain DDP; 2: ``fp16_compress_hook``).
     """
     params = dict(model.named_parameters())
     total = sum(p.numel() for p in params.values())
@@ -221,10 +224,11 @@ def sparsity_report(model: CharGPT, rigl: RigL | None, meter: snn.ActivationSpar
                                "collectives")}
         ordinary = s["steps"] - dense_steps  # RigL's update steps send every element (density 1)
         g["density_ordinary_steps"] = (s["density"] * s["steps"] - dense_steps) / ordinary if ordinary else 0.0
-    else:  # plain DDP: every step allreduces every gradient
+    else:  # plain DDP (or fp16_compress_hook): every step allreduces every gradient
         dense = ring_allreduce_bytes(total, 4, world) * steps
-        g = {"bytes_sent": dense, "bytes_dense": dense, "compression_ratio": 1.0, "density": 1.0,
-             "density_ordinary_steps": 1.0}
+        sent = ring_allreduce_bytes(total, value_bytes, world) * steps
+        g = {"bytes_sent": sent, "bytes_dense": dense, "compression_ratio": dense / sent if sent else 1.0,
+             "density": 1.0, "density_ordinary_steps": 1.0}
     g["dense_steps"] = dense_steps if state is not None else steps
     report["gradients"] = g
     return report
@@ -261,6 +265,13 @@ def print_report(report: dict, label: str) -> None:
 
 
 # -- the run ------------------------------------------------------------------------------------------------
+def reached(flag: bool, device: torch.device) -> bool:
+    """True when any rank reports ``flag``: one small allreduce, so every rank stops at the same step."""
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 @torch.no_grad()
 def estimate_val_loss(model, data: CharData, batches: int, batch_size: int, block: int, device) -> float:
     model.eval()
@@ -276,11 +287,21 @@ def estimate_val_loss(model, data: CharData, batches: int, batch_size: int, bloc
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compressor", default=None, choices=["ddp", "none", "topk", "threshold", "randk", "variance", "dgc"],
-                   help="gradient exchange without --fully-sparse (default: topk); 'ddp' is plain DDP")
+    p.add_argument("--compressor", default=None,
+                   choices=["ddp", "fp16", "none", "topk", "threshold", "randk", "variance", "dgc"],
+                   help="gradient exchange without --fully-sparse (default: topk); 'ddp' is plain DDP, 'fp16' "
+                        "PyTorch's fp16_compress_hook")
+    p.add_argument("--collective", choices=COLLECTIVES,
+                   help="how sparse payloads are summed (default: allgather; 'auto' measures and picks per bucket)")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--threshold", type=float, default=0.001)
     p.add_argument("--warmup-steps", type=int, default=50, help="DGC density warm-up")
+    p.add_argument("--clip-norm", type=float, default=1.0,
+                   help="DGC's local gradient clipping (Lin et al. 2018 clip before accumulating; 0: off)")
+    p.add_argument("--dgc-lr-factor", type=float, default=30.0,
+                   help="DGC trains with momentum SGD (momentum inside DGC): its learning rate is --lr times this")
+    p.add_argument("--granularity", choices=["layer", "bucket"],
+                   help="selection per parameter (layer, the default) or per DDP bucket")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per rank")
     p.add_argument("--block", type=int, default=64)
@@ -292,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cosine: linear warm-up over the first 5%% of the steps, then cosine decay to 10%% of --lr")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--target-val-loss", type=float,
+                   help="stop after the first evaluation whose validation loss is at or below this (time-to-loss runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", type=Path, help="train on this text file instead of the bundled tinyshakespeare")
     p.add_argument("--json", type=Path, help="write the summary here (rank 0)")
@@ -340,6 +363,8 @@ def lr_factor(step: int, steps: int, schedule: str) -> float:
 
 def resolve_exchange(args: argparse.Namespace) -> tuple[str, dict]:
     """The hook's compressor name (or 'ddp' for no hook) and its options, from the command line."""
+    if args.collective and (args.compressor in ("ddp", "fp16") or (args.fully_sparse and args.grad_compressor == "none")):
+        raise ValueError("--collective applies to sparsedist's hooks; this run has no sparse exchange")
     if args.fully_sparse:
         if args.compressor not in (None, "ddp"):
             raise ValueError(f"--fully-sparse sets the gradient exchange itself (mask-aware, on the active weights): "
@@ -349,13 +374,17 @@ def resolve_exchange(args: argparse.Namespace) -> tuple[str, dict]:
         opts: dict = {"value_dtype": args.grad_value_dtype, "granularity": args.grad_granularity}
     else:
         name, density = args.compressor or "topk", args.density
-        opts = {}
+        opts = {"granularity": args.granularity} if args.granularity else {}
     if name in ("topk", "randk", "dgc"):
         opts["density"] = density
     if name == "threshold":
         opts["threshold"] = args.threshold
     if name == "dgc":
         opts.update(momentum=0.9, warmup_steps=args.warmup_steps)
+        if args.clip_norm:
+            opts["clip_norm"] = args.clip_norm
+    if args.collective:
+        opts["collective"] = args.collective
     return name, opts
 
 
@@ -371,7 +400,7 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
                                       tuple(x for x in args.meprop_layers.split(",") if x)) if args.fully_sparse else {}
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if exchange == "dgc":  # DGC applies momentum itself: plain SGD underneath
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr * 100)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr * args.dgc_lr_factor)
     else:
         optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=0.0)
     rigl = None
@@ -382,7 +411,9 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
                     drop_fraction=args.rigl_drop, stop_at=0.75, total_steps=args.steps, include=include,
                     seed=args.seed)
     state = None
-    if exchange != "ddp":
+    if exchange == "fp16":  # PyTorch's own baseline: fp16 values, dense allreduce
+        ddp.register_comm_hook(None, fp16_compress_hook)
+    elif exchange != "ddp":
         if exchange == "dgc":
             opts["optimizer"] = optimizer
         if rigl is not None:
@@ -403,6 +434,7 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
     history, train_losses = [], []
     smooth = float("nan")
     dense_steps = 0
+    eval_seconds = 0.0
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         x, y = data.batch("train", args.batch_size, args.block, gen)
@@ -422,9 +454,15 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
         train_losses.append(loss.item())
         smooth = train_losses[-1] if math.isnan(smooth) else 0.9 * smooth + 0.1 * train_losses[-1]
         if step % args.eval_every == 0 or step == args.steps:
+            t_eval = time.perf_counter()
             val = estimate_val_loss(model, data, args.eval_batches, args.batch_size, args.block, device)
+            # train_seconds: wall-clock of training alone (evaluations excluded), for time-to-loss comparisons
             history.append({"step": step, "train_loss": round(smooth, 4), "val_loss": round(val, 4),
-                            "seconds": round(time.perf_counter() - start, 2)})
+                            "seconds": round(t_eval - start, 2),
+                            "train_seconds": round(t_eval - start - eval_seconds, 3)})
+            eval_seconds += time.perf_counter() - t_eval
+            if args.target_val_loss is not None and reached(val <= args.target_val_loss, device):
+                break
             if rank == 0:
                 msg = f"step {step}: train loss {smooth:.3f}, val loss {val:.3f}"
                 if bar is not None:
@@ -438,11 +476,14 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
         bar.close()
     meter.remove()
     summary = {"label": label, "fully_sparse": args.fully_sparse, "compressor": exchange, "world_size": world,
-               "steps": args.steps, "val_loss": history[-1]["val_loss"],
-               "seconds": round(time.perf_counter() - start, 2), "history": history, "train_losses": train_losses,
+               "steps": step, "val_loss": history[-1]["val_loss"],
+               "seconds": round(time.perf_counter() - start, 2),
+               "train_seconds": round(time.perf_counter() - start - eval_seconds, 2), "history": history,
+               "train_losses": train_losses,
                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "sparse_modules": changed,
-               "sparsity": sparsity_report(model, rigl, meter, state, args.steps, world, dense_steps)}
+               "sparsity": sparsity_report(model, rigl, meter, state, step, world, dense_steps,
+                                           value_bytes=2 if exchange == "fp16" else 4)}
     if state is not None:
         s = state.stats()
         summary.update({k: s[k] for k in ("bytes_sent", "bytes_received", "bytes_dense", "compression_ratio",
@@ -464,12 +505,12 @@ def main(argv=None) -> dict:
             world, label = summary["world_size"], summary["label"]
             if "bytes_sent" in summary:
                 saved = summary["bytes_dense"] - summary["bytes_sent"]
-                print(f"[{label}] val loss {summary['val_loss']:.3f} after {args.steps} steps on {world} ranks; "
+                print(f"[{label}] val loss {summary['val_loss']:.3f} after {summary['steps']} steps on {world} ranks; "
                       f"this rank sent {summary['bytes_sent'] / 1e6:.2f} MB where dense DDP would send "
                       f"{summary['bytes_dense'] / 1e6:.2f} MB: {saved / 1e6:.2f} MB saved "
                       f"({summary['compression_ratio']:.1f}x less), density {summary['density']:.4f}")
             else:
-                print(f"[ddp] val loss {summary['val_loss']:.3f} after {args.steps} steps on {world} ranks")
+                print(f"[{label}] val loss {summary['val_loss']:.3f} after {summary['steps']} steps on {world} ranks")
             print_report(summary["sparsity"], label)
             if args.json:
                 args.json.write_text(json.dumps(summary, indent=2))

@@ -3,6 +3,8 @@
     torchrun --nproc_per_node=2 examples/mnist.py --compressor topk --density 0.01
     torchrun --nproc_per_node=2 examples/mnist.py --compressor dgc --density 0.001 --warmup-epochs 1
     torchrun --nproc_per_node=2 examples/mnist.py --compressor ddp          # plain DDP, no hook
+    torchrun --nproc_per_node=2 examples/mnist.py --compressor fp16         # PyTorch's fp16_compress_hook
+    torchrun --nproc_per_node=2 examples/mnist.py --compressor topk --collective auto --eval-every 100
 
 Works under any launcher sparsedist.dist.init() recognises (torchrun, srun, mpirun). Data: ../shared/data/mnist.npz
 beside the project by default (``--data`` to point elsewhere). Rank 0 prints a progress bar, the test accuracy and
@@ -21,10 +23,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsedist
 import sparsedist.dist
+from sparsedist.hook import COLLECTIVES
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist.npz"
 
@@ -90,6 +94,8 @@ def compressor_options(args: argparse.Namespace, steps_per_epoch: int, optimizer
             opts["clip_norm"] = args.clip_norm
     if c == "none":
         opts = {}
+    if args.collective:
+        opts["collective"] = args.collective
     return opts
 
 
@@ -105,8 +111,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compressor", default="topk", choices=["ddp", "none", "topk", "threshold", "randk", "variance", "dgc"],
-                   help="'ddp' = plain DDP without a hook")
+    p.add_argument("--compressor", default="topk",
+                   choices=["ddp", "fp16", "none", "topk", "threshold", "randk", "variance", "dgc"],
+                   help="'ddp' = plain DDP without a hook; 'fp16' = PyTorch's fp16_compress_hook")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--threshold", type=float, default=0.005)
     p.add_argument("--alpha", type=float, default=1.0)
@@ -130,9 +137,20 @@ def main(argv=None) -> dict:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--comm", choices=["torch", "mpi"], default="torch",
                    help="sparse collectives over torch.distributed or over mpi4py (MPIBackend; under mpirun)")
+    p.add_argument("--collective", choices=COLLECTIVES, help="how sparse payloads are summed (default: allgather; "
+                   "'auto' measures and picks per bucket)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also measure test accuracy every this many steps, recorded with the training seconds "
+                        "so far (evaluation time excluded) in the summary's 'history'")
+    p.add_argument("--target-accuracy", type=float,
+                   help="with --eval-every: stop after the first evaluation at or above this test accuracy (%%)")
     p.add_argument("--json", type=Path, help="write the summary here (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.target_accuracy is not None and not args.eval_every:
+        p.error("--target-accuracy needs --eval-every N (how often to measure the accuracy)")
+    if args.collective and args.compressor in ("ddp", "fp16"):
+        p.error(f"--collective applies to sparsedist's hooks; --compressor {args.compressor} has no sparse exchange")
 
     rank, world, local_rank = sparsedist.dist.init()
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -149,7 +167,9 @@ def main(argv=None) -> dict:
     steps_per_epoch = per_rank // args.batch_size
     total_steps = steps_per_epoch * args.epochs if args.steps <= 0 else args.steps
     state = None
-    if args.compressor != "ddp":
+    if args.compressor == "fp16":  # PyTorch's own baseline: fp16 values, dense allreduce
+        ddp.register_comm_hook(None, fp16_compress_hook)
+    elif args.compressor != "ddp":
         opts = compressor_options(args, steps_per_epoch, optimizer)
         if args.comm == "mpi":
             from sparsedist.integrations.mpi import MPIBackend
@@ -171,6 +191,8 @@ def main(argv=None) -> dict:
     after_warmup = None
     step = 0
     start = time.perf_counter()
+    eval_seconds = 0.0
+    history = []
     loss_value = float("nan")
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
@@ -190,6 +212,18 @@ def main(argv=None) -> dict:
             if scheduler is not None:
                 scheduler.step()
             step += 1
+            if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
+                t_eval = time.perf_counter()
+                acc_now = evaluate(model, x_test, y_test, device)
+                history.append({"step": step, "test_accuracy": acc_now,
+                                "train_seconds": round(t_eval - start - eval_seconds, 3)})
+                eval_seconds += time.perf_counter() - t_eval
+                if args.target_accuracy is not None:
+                    # any rank's view decides, with one small allreduce, so that every rank stops at the same step
+                    flag = torch.tensor([float(acc_now >= args.target_accuracy)], device=device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    if flag.item():
+                        total_steps = step
             if bar is not None:
                 loss_value = 0.9 * loss_value + 0.1 * loss.item() if math.isfinite(loss_value) else loss.item()
                 postfix = {"loss": f"{loss_value:.3f}"}
@@ -197,12 +231,12 @@ def main(argv=None) -> dict:
                     postfix["ratio"] = f"{state.stats()['compression_ratio']:.0f}x"
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start - eval_seconds
     if bar is not None:
         bar.close()
     acc = evaluate(model, x_test, y_test, device)
     summary = {"compressor": args.compressor, "world_size": world, "steps": step, "test_accuracy": acc,
-               "seconds": round(elapsed, 2), "seed": args.seed}
+               "seconds": round(elapsed, 2), "seed": args.seed, "history": history}
     if state is not None:
         s = state.stats()
         summary.update({k: s[k] for k in ("bytes_sent", "bytes_received", "bytes_dense", "compression_ratio",

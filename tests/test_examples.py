@@ -47,3 +47,38 @@ def test_char_gpt_demo_runs_on_the_bundled_text(tmp_path):
     assert "MB saved" in stdout
     assert summary["history"][-1]["val_loss"] < summary["history"][0]["val_loss"] + 0.5
     assert summary["compression_ratio"] > 40
+
+
+@pytest.mark.skipif(not MNIST.exists(), reason=f"MNIST data not found at {MNIST}")
+def test_mnist_time_to_accuracy_flags(tmp_path):
+    """--eval-every records accuracy against training seconds; --target-accuracy stops every rank at the same step;
+    fp16 is PyTorch's own hook; --collective reaches the hook."""
+    out = tmp_path / "fp16.json"
+    _torchrun("mnist.py", "--compressor", "fp16", "--steps", "60", "--eval-every", "10", "--target-accuracy", "50",
+              "--schedule", "constant", "--quiet", "--json", str(out))
+    s = json.loads(out.read_text())
+    hist = s["history"]
+    assert [h["step"] for h in hist] == list(range(10, s["steps"] + 1, 10))
+    assert hist[-1]["test_accuracy"] >= 50 and all(h["test_accuracy"] < 50 for h in hist[:-1])
+    assert s["steps"] < 60, "the target is reached long before 60 steps"
+    assert all(b["train_seconds"] > a["train_seconds"] for a, b in zip(hist, hist[1:]))
+    out = tmp_path / "auto.json"
+    _torchrun("mnist.py", "--compressor", "topk", "--collective", "dsar_split_allgather", "--steps", "10",
+              "--quiet", "--json", str(out))
+    assert set(json.loads(out.read_text())["collectives"]) == {"dsar_split_allgather"}
+    bad = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist.py"), "--compressor", "ddp", "--collective",
+                          "auto"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--collective applies to sparsedist's hooks" in bad.stderr
+
+
+def test_char_gpt_fp16_and_target_loss(tmp_path):
+    out = tmp_path / "summary.json"
+    common = ["--steps", "40", "--eval-every", "5", "--eval-batches", "2", "--width", "32", "--layers", "1", "--quiet"]
+    _torchrun("char_gpt.py", "--compressor", "fp16", *common, "--target-val-loss", "3.6", "--json", str(out))
+    s = json.loads(out.read_text())
+    assert s["history"][-1]["val_loss"] <= 3.6 and all(h["val_loss"] > 3.6 for h in s["history"][:-1])
+    assert s["steps"] == s["history"][-1]["step"] < 40
+    assert s["sparsity"]["gradients"]["compression_ratio"] == 2.0  # fp16 values, dense allreduce
+    _torchrun("char_gpt.py", "--compressor", "topk", "--collective", "ssar_recursive_double", *common[:1], "6",
+              *common[2:], "--json", str(out))
+    assert set(json.loads(out.read_text())["sparsity"]["gradients"]["collectives"]) == {"ssar_recursive_double"}
