@@ -94,7 +94,7 @@ def compressor_options(args: argparse.Namespace, steps_per_epoch: int, optimizer
             opts["clip_norm"] = args.clip_norm
     if c == "none":
         opts = {}
-    if args.collective:
+    if getattr(args, "collective", None):  # examples/mnist_horovod.py shares this function without the flag
         opts["collective"] = args.collective
     return opts
 
