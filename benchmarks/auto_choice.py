@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import sparsedist.dist  # noqa: E402
+from hook_overhead import timed_step  # noqa: E402
 from sparse_allreduce import _mnist_path, gradient_source  # noqa: E402
 from sparsedist.collectives.backend import TorchBackend  # noqa: E402
 from sparsedist.collectives.choose import EXACT_ALGORITHMS, probe  # noqa: E402
@@ -66,9 +67,12 @@ def hook_level(args, rank: int, ws: int, be: TorchBackend) -> list[dict]:
             torch.manual_seed(0)
             ddp = DDP(_MLP(args.hidden))
             opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+            # auto's per-bucket choice only: the models train in interleaved rounds, so the interval from one of
+            # auto's steps to its next holds every other model's step, and its whole-step check against dense steps
+            # (auto_step_check, on by default) would time those too; benchmarks/hook_overhead.py measures it
             state = None if algo == "ddp" else sparsedist.register(
                 ddp, "topk", density=d, collective=algo,
-                **({"cost_model": args.cost_model} if algo == "auto" else {}))
+                **({"cost_model": args.cost_model, "auto_step_check": False} if algo == "auto" else {}))
             runs[algo] = (ddp, opt, state, [], [])
         g = torch.Generator().manual_seed(rank)
         for step in range(args.trial_steps + args.steps):
@@ -76,20 +80,10 @@ def hook_level(args, rank: int, ws: int, be: TorchBackend) -> list[dict]:
             order = list(runs)[step % len(runs):] + list(runs)[:step % len(runs)]
             for algo in order:
                 ddp, opt, state, times, steps = runs[algo]
-                exchange = lambda: 0.0 if state is None else sum(  # noqa: E731
-                    v["measured_s"] for v in state.stats()["collective_time"].values())
-                before = exchange()
-                be.barrier()
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(ddp(x[sel]), y[sel]).backward()
-                opt.step()
-                wall = time.perf_counter() - t0
-                spent = torch.tensor([exchange() - before, wall], dtype=torch.float64)
-                spent = be.allgather(spent).view(-1, 2).max(dim=0).values.tolist()
+                wall, ex = timed_step(ddp, opt, state, x[sel], y[sel], be)
                 if step >= args.trial_steps:
-                    times.append(spent[0])
-                    steps.append(spent[1])
+                    times.append(ex)
+                    steps.append(wall)
         med = {a: statistics.median(r[3]) for a, r in runs.items() if a != "ddp"}
         step_med = {a: statistics.median(r[4]) for a, r in runs.items()}
         best = min(FIXED, key=lambda a: med[a])

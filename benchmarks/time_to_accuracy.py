@@ -75,12 +75,14 @@ def run_config(task: dict, name: str, steps: int, target: float | None, args) ->
         out = json.loads(summary.read_text())
         emu = json.loads(links.read_text())
     history = [{"step": h["step"], "metric": h[task["metric"]], "seconds": h["train_seconds"]} for h in out["history"]]
+    # char_gpt.py keeps the hook's full figures under ["sparsity"]["gradients"], mnist.py at the top level
+    hook = out.get("sparsity", {}).get("gradients", out)
     return {"config": name, "args": CONFIGS[name], "steps": out["steps"], "history": history,
             "final": history[-1]["metric"], "train_seconds": history[-1]["seconds"],
             "wire_bytes_per_rank": emu["total_tx_bytes"] / args.nranks, "links": emu["links"],
             "job_wall_seconds": emu["wall_s"],
-            "hook_bytes_sent": out.get("bytes_sent"), "density": out.get("density"),
-            "collectives": out.get("collectives")}
+            "hook_bytes_sent": hook.get("bytes_sent"), "density": hook.get("density"),
+            "collectives": hook.get("collectives"), "step_check": hook.get("step_check")}
 
 
 def first_reaching(history: list[dict], target: float, lower: bool) -> dict | None:

@@ -222,6 +222,8 @@ def sparsity_report(model: CharGPT, rigl: RigL | None, meter: snn.ActivationSpar
         s = state.stats()
         g = {k: s[k] for k in ("bytes_sent", "bytes_received", "bytes_dense", "compression_ratio", "density",
                                "collectives")}
+        if s.get("step_check"):  # collective="auto": the whole-step checks against dense steps
+            g["step_check"] = s["step_check"]
         ordinary = s["steps"] - dense_steps  # RigL's update steps send every element (density 1)
         g["density_ordinary_steps"] = (s["density"] * s["steps"] - dense_steps) / ordinary if ordinary else 0.0
     else:  # plain DDP (or fp16_compress_hook): every step allreduces every gradient

@@ -241,6 +241,8 @@ def main(argv=None) -> dict:
         s = state.stats()
         summary.update({k: s[k] for k in ("bytes_sent", "bytes_received", "bytes_dense", "compression_ratio",
                                            "density", "residual_norm", "collectives")})
+        if s.get("step_check"):  # collective="auto": the whole-step checks against dense steps
+            summary["step_check"] = s["step_check"]
         if after_warmup is not None and s["bytes_sent"] > after_warmup[0]:
             summary["ratio_after_warmup"] = (s["bytes_dense"] - after_warmup[1]) / (s["bytes_sent"] - after_warmup[0])
     if rank == 0:

@@ -19,12 +19,25 @@ import torch
 
 from .payload import SparseGrad
 
-__all__ = ["ErrorFeedback"]
+__all__ = ["ErrorFeedback", "accumulator_dtype", "all_finite"]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision gradients, else the gradient's own dtype."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True if no entry of ``x`` is NaN or infinite; exact, and one reduction in the common case.
+
+    A finite sum implies finite entries (a NaN or an inf entry makes the sum NaN or inf), so the elementwise
+    check runs only when the sum is not finite (a NaN/inf, or finite entries whose sum overflows). On a CPU,
+    ``torch.isfinite(x).all()`` over 21M fp32 elements took 111 ms here, ``x.sum()`` 3.6 ms.
+    """
+    if x.numel() == 0:
+        return True
+    total = x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
 
 
 class ErrorFeedback:
@@ -39,7 +52,11 @@ class ErrorFeedback:
         self.residuals: dict[int, torch.Tensor] = {}
 
     def get(self, key: int, like: torch.Tensor, scale: float = 1.0) -> torch.Tensor | None:
-        """The residual for ``key`` (zeros on first use) as a new tensor in loss-scaled units, or None if disabled.
+        """The residual for ``key`` (zeros on first use) in loss-scaled units, or None if disabled.
+
+        Without loss scaling this is the stored tensor itself, not a copy (a copy of every residual per step
+        costs a memory pass and, for large tensors on a CPU, page faults): callers must not modify it; the
+        hook only reads it (``Compressor.accumulate`` returns a new tensor) and replaces it in :meth:`update`.
 
         Args:
             key: the parameter's stable key.
@@ -51,7 +68,7 @@ class ErrorFeedback:
         r = self.residuals.get(key)
         if r is None or r.numel() != like.numel():
             return torch.zeros(like.numel(), dtype=accumulator_dtype(like.dtype), device=like.device)
-        return r * scale if scale != 1.0 else r.clone()
+        return r * scale if scale != 1.0 else r
 
     def update(self, key: int, acc: torch.Tensor, sent: SparseGrad, scale: float = 1.0, *,
                sent_all: bool = False) -> None:

@@ -32,7 +32,7 @@ from .collectives.backend import Backend, TorchBackend, ring_allreduce_bytes
 from .collectives.dense import allreduce_mean_future
 from .collectives.wire import MAX_PACKED_NUMEL, decode, encode
 from .compressors.base import Compressor, SelectContext
-from .feedback import ErrorFeedback, accumulator_dtype
+from .feedback import ErrorFeedback, accumulator_dtype, all_finite
 from .payload import SparseGrad
 from .stats import Telemetry
 
@@ -62,6 +62,10 @@ STATE_OPTIONS = {
     "cost_model": "a sparsedist.collectives.CostModel for collective='auto' (default: probed at the first step)",
     "auto_trials": "collective='auto': calls of each plausible collective timed per bucket before the measured/"
                    "predicted ratios correct the model's choice (default 2; 0: the model alone)",
+    "auto_step_check": "collective='auto': time whole training steps with auto's sparse choices against steps that "
+                       "send everything densely, now and then, and send densely while sparse steps are not at "
+                       "least 10% faster (default: on, unless auto_trials=0 asks for the model alone; False: "
+                       "per-bucket choices only; or a sparsedist.collectives.StepCheck to configure it)",
 }
 
 COLLECTIVES = ("allgather", "auto", "dense", "ssar_recursive_double", "ssar_split_allgather",
@@ -140,7 +144,7 @@ class SparsifyState:
                  seed: int = 0, masks: Any = None, grad_scaler: Any = None,
                  optimizer: torch.optim.Optimizer | None = None, timeout: float | None = None,
                  backend: Backend | None = None, check_every: int = 0, collective: str = "allgather",
-                 cost_model: Any = None, auto_trials: int = 2):
+                 cost_model: Any = None, auto_trials: int = 2, auto_step_check: Any = None):
         if compressor is not None and not isinstance(compressor, Compressor):
             raise TypeError(f"compressor must be a sparsedist Compressor or None, got {type(compressor).__name__}; "
                             f"use sparsedist.register(ddp, 'topk', ...) to build one by name")
@@ -186,6 +190,20 @@ class SparsifyState:
         from .collectives.choose import AutoTuner
 
         self.tuner = AutoTuner(auto_trials)
+        from .collectives.step_check import StepCheck
+
+        if auto_step_check is not None and not isinstance(auto_step_check, (bool, StepCheck)):
+            raise TypeError(f"auto_step_check must be None, True, False or a sparsedist.collectives.StepCheck, "
+                            f"got {auto_step_check!r}")
+        if auto_step_check is None:
+            auto_step_check = auto_trials != 0
+        self.step_check: StepCheck | None = None
+        if collective == "auto" and compressor is not None and auto_step_check is not False:
+            self.step_check = auto_step_check if isinstance(auto_step_check, StepCheck) else StepCheck()
+        self._layouts_now: set = set()   # bucket layouts auto decided this step / the step before
+        self._layouts_before: set = set()
+        self._moments_paused = False      # the second-moment collector skipped this step's backward pass
+        self._async_overflow_step = -1
         self._gtopk: dict[tuple, Any] = {}
         self._last_union: dict[tuple, int] = {}
         self._last_max_count: dict[tuple, int] = {}
@@ -292,6 +310,7 @@ class SparsifyState:
         """Telemetry of this rank; the keys are documented in :mod:`sparsedist.stats`."""
         out = self.telemetry.as_dict(self.feedback.norm())
         out["auto_ratios"] = self.tuner.ratios()
+        out["step_check"] = None if self.step_check is None else self.step_check.report()
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -310,6 +329,7 @@ class SparsifyState:
             "telemetry": self.telemetry.state_dict(),
             "auto": {"cost_model": None if self.cost_model is None else self.cost_model.state_dict(),
                      "tuner": self.tuner.state_dict(),
+                     "step_check": None if self.step_check is None else self.step_check.state_dict(),
                      "last_union": {f"{i}:{n}": v for (i, n), v in self._last_union.items()},
                      "last_max_count": {f"{i}:{n}": v for (i, n), v in self._last_max_count.items()}},
         }
@@ -337,6 +357,8 @@ class SparsifyState:
                 self.cost_model = CostModel()
                 self.cost_model.load_state_dict(auto["cost_model"])
             self.tuner.load_state_dict(auto.get("tuner", {}))
+            if self.step_check is not None and auto.get("step_check") is not None:
+                self.step_check.load_state_dict(auto["step_check"])
             layout = lambda key: tuple(int(x) for x in key.split(":"))  # noqa: E731
             self._last_union = {layout(k): int(v) for k, v in auto.get("last_union", {}).items()}
             self._last_max_count = {layout(k): int(v) for k, v in auto.get("last_max_count", {}).items()}
@@ -390,6 +412,7 @@ class SparsifyState:
             except RuntimeError as exc:
                 raise RuntimeError(f"sparsedist: consistency check before DDP bucket {bucket.index()} failed at step "
                                    f"{self.step}: {exc}") from exc
+            self._begin_step(bucket)
         dense_step = self.masks is not None and bool(self.masks.needs_dense_gradient())
         dense = self.compressor is None and self.masks is None or (dense_step and not self.feedback.enabled)
         asynchronous = self.timeout is None and not synchronous and type(self.backend) is TorchBackend
@@ -397,21 +420,24 @@ class SparsifyState:
             return self._dense(bucket, buffer, "allreduce")
         decided = None
         try:
-            if not dense and not self._shared_path(dense_step):
+            # auto's whole-step check (or a paused second-moment collector) sends this step densely
+            step_dense = not dense and not dense_step and self.step_check is not None and (
+                self.step_check.mode(self.step) == "dense" or self._moments_paused)
+            if step_dense:
+                decided = ("dense", None)
+            elif not dense and not self._shared_path(dense_step):
                 # the collective is decided before selection, identically on every rank
                 layout = (bucket.index(), buffer.numel())
                 keys = [self._key(p) for p in params]
                 decided = self._algorithm(layout, params, keys, buffer.numel(), self.value_dtype or buffer.dtype)
-                if (asynchronous and self._sends_all(decided) and not self.tuner.tuning(layout)
-                        and self.masks is None and self.value_dtype in (None, buffer.dtype)
-                        and not any(key in self.feedback.residuals for key in keys)):
-                    # auto chose the dense sum and no residual is left to flush: plain DDP's asynchronous
-                    # allreduce, overlapped with the rest of the backward pass
-                    self.telemetry.record_choice("dense", decided[1].predictions["dense"].time, 0.0)
-                    return self._dense(bucket, buffer, "dense")
+            if (asynchronous and self._sends_all(decided) and self.masks is None
+                    and (decided[1] is None or not self.tuner.tuning((bucket.index(), buffer.numel())))
+                    and self.value_dtype in (None, buffer.dtype) and accumulator_dtype(buffer.dtype) == buffer.dtype
+                    and self._loss_scale() == 1.0):
+                return self._dense_async(bucket, decided)
             if dense:
                 out = self._dense_sync(bucket, buffer)
-            elif self._sends_all(decided) and self._flushable(buffer):
+            elif self._sends_all(decided) and self._flushable(buffer) and self.compressor.accumulates_plainly:
                 out = self._send_all(bucket, buffer, params, decided)
             else:
                 out = self._sparse(bucket, buffer, params, dense_step, decided)
@@ -472,6 +498,71 @@ class SparsifyState:
             self._in_step = False
             self.telemetry.end_step(overflow)
             self.step += 1
+            if self.second_moment is not None and self.step_check is not None:
+                # per-example statistics cost a backward-pass's worth of work: skip them on steps that will be
+                # sent densely (a verdict that turns sparse at the next step finds them missing and waits a step)
+                if self._moments_paused or self.step_check.mode(self.step - 1) == "dense":
+                    self.second_moment.reset()  # nothing of a dense step may leak into the next selection
+                self._moments_paused = self.step_check.mode(self.step) == "dense"
+                self.second_moment.paused = self._moments_paused
+
+    def _begin_step(self, bucket: dist.GradBucket) -> None:
+        """First bucket of a step: auto's whole-step clock (see :class:`~sparsedist.collectives.StepCheck`)."""
+        if self.step_check is None:
+            return
+        settled = not any(self.tuner.tuning(layout) for layout in self._layouts_now | self._layouts_before) \
+            and self.step > 0
+        self._layouts_before, self._layouts_now = self._layouts_now, set()
+        try:
+            self.step_check.begin_step(self.step, settled, self.backend)
+        except RuntimeError as exc:
+            raise RuntimeError(f"sparsedist: auto's step check before DDP bucket {bucket.index()} failed at step "
+                               f"{self.step}: {exc}") from exc
+
+    def _dense_async(self, bucket: dist.GradBucket, decided: tuple) -> torch.futures.Future:
+        """auto's dense choice on the asynchronous path: each residual is added into its gradient in place
+        (through the compressor's :meth:`~sparsedist.compressors.Compressor.dense_step`), then plain DDP's
+        asynchronous allreduce runs, overlapped with the rest of the backward pass. Residuals are dropped and the
+        compressor's state committed in the future's callback (local work only), and only if the sum is finite
+        on every rank; otherwise both stay as they were and the NaN/inf result reaches the optimizer."""
+        compressor = self.compressor
+        keys = [self._key(p) for p in bucket.parameters()]
+        self._drop_moments(bucket.parameters())
+        flushed = []
+        for key, g in zip(keys, bucket.gradients()):
+            flat = g.view(-1)
+            r = self.feedback.residuals.get(key) if self.feedback.enabled else None
+            if r is not None and r.numel() != flat.numel():
+                r = None
+            compressor.dense_step(key, flat, r)
+            if r is not None:
+                flushed.append(key)
+        step = self.step
+        self.telemetry.record_choice("dense", None if decided[1] is None else decided[1].predictions["dense"].time,
+                                     0.0)
+        fut = self._dense(bucket, bucket.buffer(), "dense")
+
+        def commit(f: torch.futures.Future) -> torch.Tensor:
+            out = f.value()
+            if (flushed or not compressor.accumulates_plainly) and not all_finite(out):
+                if self._async_overflow_step != step:  # once per step, as the synchronous paths count it
+                    self._async_overflow_step = step
+                    self.telemetry.overflow_steps += 1
+                return out  # residuals and compressor state untouched: nothing is lost
+            for key in flushed:
+                self.feedback.residuals.pop(key, None)
+            for key in keys:
+                compressor.after_send_all(key)
+            return out
+
+        return fut.then(commit)
+
+    def _drop_moments(self, params: list[torch.Tensor]) -> None:
+        """A bucket sent whole needs no per-example statistics: drop this step's, so that they do not add to the
+        next selection's."""
+        if self.second_moment is not None and not self.second_moment.paused:
+            for p in params:
+                self.second_moment.pop(p)
 
     def _dense(self, bucket: dist.GradBucket, buffer: torch.Tensor, label: str) -> torch.futures.Future:
         world = self.world_size
@@ -510,12 +601,16 @@ class SparsifyState:
         before = (backend.bytes_sent, backend.bytes_received)
         buffer.mul_(1.0 / backend.size)
         backend.allreduce(buffer)
-        bad = not bool(torch.isfinite(buffer).all())
+        bad = not all_finite(buffer)
         for key, r in flushed.items():
             if bad:
                 self.feedback.residuals[key] = r  # nothing is lost on an overflow step
             else:
                 del self.feedback.residuals[key]
+        self._drop_moments(params)
+        if not bad:
+            for p in params:
+                self.compressor.after_send_all(self._key(p))
         self._record_time(layout, "dense", decided[1], tuning, started, buffer)
         self.telemetry.record_bucket(sent_bytes=backend.bytes_sent - before[0],
                                      received_bytes=backend.bytes_received - before[1],
@@ -545,7 +640,7 @@ class SparsifyState:
         backend = self.backend
         world = backend.size
         scale = self._loss_scale()
-        finite = bool(torch.isfinite(buffer).all())
+        finite = all_finite(buffer)
         wire_dtype = self.value_dtype or buffer.dtype
         base = buffer.data_ptr()
         esize = buffer.element_size()
@@ -610,7 +705,7 @@ class SparsifyState:
             vals = torch.cat([u.payload.values.to(wire_dtype) for u in units] +
                              [torch.tensor([0.0 if finite else 1.0], dtype=wire_dtype, device=buffer.device)])
             vals = backend.allreduce(vals)
-            any_bad = bool(vals[-1] != 0) or not bool(torch.isfinite(vals[:-1]).all())
+            any_bad = bool(vals[-1] != 0) or not all_finite(vals[:-1])
             if in_order:  # no scatter
                 out = vals[:-1].to(accumulator_dtype(buffer.dtype))
             else:
@@ -651,7 +746,7 @@ class SparsifyState:
                     from .collectives.sparse_allreduce import sparse_allreduce
 
                     out.add_(sparse_allreduce(idx, vals, buffer.numel(), algorithm=collective, backend=backend))
-                any_bad = not bool(torch.isfinite(out).all())
+                any_bad = not all_finite(out)
             self._last_union[layout] = int(torch.count_nonzero(out))
             self._record_time(layout, collective, choice, tuning, started, out)
         sent_b, recv_b = backend.bytes_sent - sent_before[0], backend.bytes_received - sent_before[1]
@@ -666,7 +761,9 @@ class SparsifyState:
             for u in units:
                 sent = SparseGrad(u.payload.indices, u.payload.values.to(wire_dtype), u.numel)
                 self.feedback.update(u.key, u.acc, sent, scale, sent_all=full_dense)
-                if self.compressor is not None and not dense_step:
+                if self.compressor is not None and full_dense:
+                    self.compressor.after_send_all(u.key)
+                elif self.compressor is not None and not dense_step:
                     self.compressor.after_send(u.key, u.payload)
         out.div_(world)
         buffer.copy_(out)
@@ -696,7 +793,12 @@ class SparsifyState:
             return self.collective, None
         from .collectives.choose import EXACT_ALGORITHMS, probe
 
+        self._layouts_now.add(layout)
         nnz = self._expected_count(params, keys)
+        if nnz is None and self.step_check is not None and self.step_check.window_start == self.step:
+            # first step of a whole-step check: count a variable-count compressor afresh (dense choices leave its
+            # last count as it was, so without this a count from a dense early phase would keep auto dense)
+            return "allgather", None
         if nnz is None:
             nnz = self._last_max_count.get(layout)
         if nnz is None:  # a variable-count compressor's first step: count it with the allgather

@@ -123,6 +123,9 @@ class SecondMomentCollector:
         self.mode = mode
         self.batch_dim = batch_dim
         self.max_chunk_elements = max_chunk_elements
+        #: While True, forward passes install no gradient hooks: nothing is computed or accumulated (the hook
+        #: sets it on steps it sends densely, where no selection needs the statistics).
+        self.paused = False
         self._root = _unwrap(model)
         self._lock = threading.RLock()
         self._handles: list = []
@@ -216,6 +219,8 @@ class SecondMomentCollector:
             self._generation += 1
 
     def _forward_hook(self, module, args, kwargs, output) -> None:
+        if self.paused:
+            return
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         if not any(p.requires_grad for p in (module._parameters.get("weight"), module._parameters.get("bias"))

@@ -34,6 +34,11 @@ The keys of :meth:`Telemetry.as_dict` are public API:
     ``collective="auto"`` only: per bucket (``"index:numel"``) whose trials are done, the measured/predicted
     time ratio of each collective tried, averaged over ranks (:class:`sparsedist.collectives.choose.AutoTuner`);
     the choice minimises ratio x predicted time. Empty otherwise.
+``step_check``
+    ``collective="auto"`` with a compressor only (else None): the whole-step check of auto's sparse choices
+    against dense steps (:class:`sparsedist.collectives.StepCheck`): ``{"verdict": "sparse" | "dense",
+    "next_check": step, "checks": [{"step", "sparse_step_s", "dense_step_s", "verdict"}, ...]}`` with the
+    median step seconds of each mode, averaged over ranks.
 """
 
 from __future__ import annotations

@@ -224,3 +224,47 @@ def test_randk_shared_indices_are_a_uniform_subset():
     assert chi2_pairs < 900, chi2_pairs  # 779 pairs: mean 779, sd ~39
     big = shared_random_indices(25_000_000, 25_000, seed=1, step=2, key=3)
     assert big.numel() == 25_000 and big.unique().numel() == 25_000
+
+
+def test_selection_workspace_gives_the_same_indices_and_reuses_its_buffers():
+    from sparsedist.compressors.base import Workspace
+    from sparsedist.compressors.topk import topk_indices
+
+    g = torch.Generator().manual_seed(3)
+    ws = Workspace()
+    for n, k in ((1 << 19, 500), (1 << 19, 5000), (300_000, 3000), (1000, 10)):  # prefiltered and plain paths
+        x = torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 4
+        plain = topk_indices(x, k)
+        reused = topk_indices(x, k, ws)
+        assert torch.equal(plain.sort().values, reused.sort().values)
+        assert torch.equal(reused.sort().values, x.abs().topk(k).indices.sort().values)
+        s1 = sampled_topk_indices(x, k, generator=torch.Generator().manual_seed(0))
+        s2 = sampled_topk_indices(x, k, generator=torch.Generator().manual_seed(0), workspace=ws)
+        assert torch.equal(s1, s2)
+    ptr = ws.get("abs", 1 << 19, torch.float32, torch.device("cpu")).data_ptr()
+    assert ws.get("abs", 1000, torch.float32, torch.device("cpu")).data_ptr() == ptr  # smaller: the same buffer
+    comp = build_compressor("topk", density=0.01)
+    import pickle
+    assert pickle.loads(pickle.dumps(comp))._workspace._buffers == {}  # scratch is not pickled
+
+
+def test_threshold_with_workspace_selects_strictly_above_tau():
+    comp = build_compressor("threshold", threshold=0.5)
+    for x in (torch.tensor([0.5, -0.6, 0.4, 2.0, -0.5]), torch.tensor([1.0, 0.1])):  # reuse a larger buffer
+        p = comp.compress(x, SelectContext(step=0, key=0, world_size=1, rank=0, seed=0))
+        assert torch.equal(p.indices, (x.abs() > 0.5).nonzero().view(-1))
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    from sparsedist.feedback import all_finite
+
+    big = torch.full((4,), 3e38)  # finite entries whose fp32 sum is inf
+    assert all_finite(big) and all_finite(torch.zeros(0)) and all_finite(torch.randn(1000))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(1000)
+        x[123] = bad
+        assert not all_finite(x)
+        assert not all_finite(torch.cat([big, x]))
+    half = torch.full((10,), 60000.0, dtype=torch.float16)  # the fp16 sum would overflow; fp32 does not
+    assert all_finite(half) and not all_finite(torch.cat([half, torch.tensor([float("nan")], dtype=torch.float16)]))
+    assert all_finite(torch.tensor([1e308, 1e308], dtype=torch.float64))

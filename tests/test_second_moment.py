@@ -350,3 +350,21 @@ def test_ddp_hook_sees_complete_statistics_with_no_sync():
     for errs, seen in results:
         assert seen == sorted(errs)
         assert max(errs.values()) < 1e-5, errs
+
+
+def test_a_paused_collector_computes_nothing_and_resumes():
+    import torch.nn as nn
+
+    from sparsedist.second_moment import SecondMomentCollector
+
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    col = SecondMomentCollector(lin)
+    x = torch.randn(4, 3)
+    col.paused = True
+    lin(x).sum().backward()
+    assert torch.count_nonzero(col.pop(lin.weight)) == 0  # nothing was hooked while paused
+    col.paused = False
+    lin(x).sum().backward()
+    per_example = torch.ones(4, 2, 1) * x[:, None, :]  # d(sum y)/dW for each example
+    torch.testing.assert_close(col.pop(lin.weight), per_example.square().sum(0).reshape(-1))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..payload import SparseGrad
-from .base import Compressor, SelectContext, check_density, check_nonnegative, count_for_density
+from .base import Compressor, SelectContext, Workspace, check_density, check_nonnegative, count_for_density
 from .topk import sampled_topk_indices, topk_indices
 
 __all__ = ["DGCCompressor", "check_optimizer"]
@@ -68,7 +68,10 @@ class DGCCompressor(Compressor):
     """
 
     name = "dgc"
-    dense_fallback = False  # a full send would zero the momentum everywhere (factor masking)
+    # auto's dense choice sends the whole v = r + u and keeps u unmasked: no entry is delayed, so that step is
+    # exactly momentum SGD (factor masking exists for delayed entries; applied to all it would zero the momentum)
+    dense_fallback = True
+    accumulates_plainly = False
 
     def __init__(self, density: float = 0.001, momentum: float = 0.9, nesterov: bool = False,
                  clip_norm: float | None = None, warmup_steps: int = 0, warmup_stages: int = 4,
@@ -89,8 +92,10 @@ class DGCCompressor(Compressor):
         self.momentum_masking = bool(momentum_masking)
         self._u: dict[int, torch.Tensor] = {}
         self._pending: dict[int, torch.Tensor] = {}
+        self._spare: dict[int, torch.Tensor] = {}  # dense steps' output buffers (see dense_step)
         self._world_size = 1
         self._generator = torch.Generator().manual_seed(0)
+        self._workspace = Workspace()  # selection's scratch buffers, reused between calls
 
     def density_at(self, step: int) -> float:
         if step >= self.warmup_steps:
@@ -121,9 +126,10 @@ class DGCCompressor(Compressor):
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
         k = count_for_density(acc.numel(), self.density_at(ctx.step))
         if self.sample_ratio < 1.0:
-            idx = sampled_topk_indices(acc, k, self.sample_ratio, generator=self._generator)
+            idx = sampled_topk_indices(acc, k, self.sample_ratio, generator=self._generator,
+                                       workspace=self._workspace)
         else:
-            idx = topk_indices(acc, k)
+            idx = topk_indices(acc, k, self._workspace)
         return SparseGrad(idx, acc[idx], acc.numel())
 
     def after_send(self, key: int, payload: SparseGrad) -> None:
@@ -137,6 +143,49 @@ class DGCCompressor(Compressor):
     def discard_pending(self) -> None:
         """Forget momenta computed for an exchange that was abandoned."""
         self._pending.clear()
+
+    def after_send_all(self, key: int) -> None:
+        """Every entry of ``key`` was sent: commit the new momentum without factor masking."""
+        u = self._pending.pop(key, None)
+        if u is not None:
+            old = self._u.get(key)
+            self._u[key] = u
+            if old is not None and old is not u and old.shape == u.shape:
+                self._spare[key] = old  # the next dense step writes into it
+
+    def dense_step(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """In place: clip ``grad``, ``grad <- u_new (+ residual)`` with ``u_new = m u + g``; ``u_new`` is committed
+        by :meth:`after_send_all` (unmasked: every entry was sent). ``u_new`` is written into a spare buffer kept
+        per tensor (the previous momentum's, recycled at commit), so a dense step allocates nothing: on a CPU a
+        fresh 21M-element tensor costs more than the pass that fills it (page faults)."""
+        if self.clip_norm is not None:
+            limit = self.clip_norm / math.sqrt(max(1, self._world_size))
+            norm = torch.linalg.vector_norm(grad)
+            grad.mul_(torch.clamp(limit / (norm + 1e-6), max=1.0))
+        u = self._u.get(key)
+        spare = self._spare.pop(key, None)
+        if spare is None or spare.shape != grad.shape or spare.dtype != torch.float32 or spare.device != grad.device:
+            spare = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+        if u is None or u.shape != grad.shape:
+            spare.copy_(grad)
+            if self.nesterov:
+                spare.mul_(self.momentum)
+        elif self.nesterov:
+            torch.add(u, grad, out=spare).mul_(self.momentum)
+        else:
+            torch.add(grad, u, alpha=self.momentum, out=spare)
+        if self.nesterov:
+            grad.add_(spare)
+        else:
+            grad.copy_(spare)
+        if residual is not None:
+            grad.add_(residual)
+        self._pending[key] = spare
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_spare"] = {}  # scratch, rebuilt on the next dense step
+        return state
 
     def set_world_size(self, world_size: int) -> None:
         """Tell the compressor how many ranks take part (scales the clipping threshold)."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..payload import SparseGrad
-from .base import Compressor, SelectContext, check_nonnegative
+from .base import Compressor, SelectContext, Workspace, check_nonnegative
 
 __all__ = ["ThresholdCompressor"]
 
@@ -38,9 +38,12 @@ class ThresholdCompressor(Compressor):
             raise ValueError("threshold must be > 0 (tau = 0 would send every non-zero entry); e.g. threshold=1e-3")
         self.threshold = tau
         self.quantize = bool(quantize)
+        self._workspace = Workspace()  # |acc| and the mask, reused between calls (no page faults per call)
 
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
-        idx = (acc.abs() > self.threshold).nonzero().view(-1)
+        n, ws = acc.numel(), self._workspace
+        mag = torch.abs(acc, out=ws.get("abs", n, acc.dtype, acc.device))
+        idx = torch.gt(mag, self.threshold, out=ws.get("mask", n, torch.bool, acc.device)).nonzero().view(-1)
         if not self.quantize:
             return SparseGrad(idx, acc[idx], acc.numel())
         values = torch.where(acc[idx] >= 0, self.threshold, -self.threshold).to(acc.dtype)

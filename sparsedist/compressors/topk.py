@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..payload import SparseGrad
-from .base import Compressor, SelectContext, check_density, count_for_density
+from .base import Compressor, SelectContext, Workspace, check_density, count_for_density
 
 __all__ = ["TopKCompressor", "topk_indices", "sampled_topk_indices"]
 
@@ -27,7 +27,21 @@ _PREFILTER_MIN_NUMEL = 1 << 18
 _PREFILTER_MAX_DENSITY = 1 / 16
 
 
-def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+def _abs(x: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+    if workspace is None:
+        return x.abs()
+    return torch.abs(x, out=workspace.get("abs", x.numel(), x.dtype, x.device))
+
+
+def _at_least(mag: torch.Tensor, threshold: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+    """Indices (int64) of the entries of ``mag`` >= ``threshold``."""
+    if workspace is None:
+        return (mag >= threshold).nonzero().view(-1)
+    mask = torch.ge(mag, threshold, out=workspace.get("mask", mag.numel(), torch.bool, mag.device))
+    return mask.nonzero().view(-1)
+
+
+def topk_indices(x: torch.Tensor, k: int, workspace: Workspace | None = None) -> torch.Tensor:
     """Indices (int64, ``(k,)``) of the k largest ``|x|`` of a flat tensor (exact; ties broken arbitrarily).
 
     On large tensors at low density a full ``torch.topk`` costs 6-11x one memory pass (25M fp32 elements, one CPU
@@ -35,11 +49,12 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     entries pass it with near certainty), the entries at or above it are gathered, and the exact top-k is taken
     among them: all of the k largest are among the candidates whenever at least k pass, so the result is exact.
     If fewer than k pass (the sample was unrepresentative), it falls back to the full ``torch.topk``.
+    ``workspace``: reuse its buffers for ``|x|`` and the candidate mask (see :class:`~.base.Workspace`).
     """
     n = x.numel()
     if k >= n:
         return torch.arange(n, device=x.device)
-    mag = x.abs()
+    mag = _abs(x, workspace)
     if n < _PREFILTER_MIN_NUMEL or k > n * _PREFILTER_MAX_DENSITY:
         return torch.topk(mag, k, sorted=False).indices
     stride = max(1, n // 65536)
@@ -48,7 +63,7 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     expected = k * m / n  # sample entries above the true k-th largest magnitude, on average
     k_s = min(m, math.ceil(expected + 4.0 * math.sqrt(expected) + 8))  # ~4 sigma lower threshold
     threshold = torch.topk(sample, k_s, sorted=False).values.min()
-    candidates = (mag >= threshold).nonzero().view(-1)
+    candidates = _at_least(mag, threshold, workspace)
     if candidates.numel() < k:
         return torch.topk(mag, k, sorted=False).indices
     drop = candidates.numel() - k
@@ -63,7 +78,8 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def sampled_topk_indices(x: torch.Tensor, k: int, sample_ratio: float = 0.01, min_samples: int = 1000,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None,
+                         workspace: Workspace | None = None) -> torch.Tensor:
     """Approximate top-k by a sampled threshold; returns between ``k/2`` and ``k`` indices (int64).
 
     Args:
@@ -72,22 +88,23 @@ def sampled_topk_indices(x: torch.Tensor, k: int, sample_ratio: float = 0.01, mi
         sample_ratio: fraction of entries sampled to estimate the threshold.
         min_samples: lower bound on the sample size; below ``4 * min_samples`` entries exact top-k is used.
         generator: random generator for the sample (CPU generators are used for reproducibility).
+        workspace: reuse its buffers for ``|x|`` and the candidate mask (see :class:`~.base.Workspace`).
     """
     n = x.numel()
     if k >= n or n < 4 * min_samples:
-        return topk_indices(x, k)
-    mag = x.abs()
+        return topk_indices(x, k, workspace)
+    mag = _abs(x, workspace)
     num_samples = min(n, max(min_samples, int(n * sample_ratio)))
     sample_idx = torch.randint(0, n, (num_samples,), generator=generator, device="cpu").to(x.device)
     samples = mag[sample_idx]
     k_samples = max(1, math.ceil(k * num_samples / n))
     threshold = torch.topk(samples, k_samples, sorted=False).values.min()
-    candidates = (mag >= threshold).nonzero().view(-1)
+    candidates = _at_least(mag, threshold, workspace)
     count = candidates.numel()
     if count > k:
         return candidates[torch.topk(mag[candidates], k, sorted=False).indices]
     if 2 * count < k:
-        return topk_indices(x, k)
+        return topk_indices(x, k, workspace)
     return candidates
 
 
@@ -99,6 +116,9 @@ class TopKCompressor(Compressor):
         mode: ``"exact"`` (``torch.topk``) or ``"sampled"`` (threshold estimated from a random sample; exact
             selection only when the count overshoots).
         sample_ratio: fraction sampled in ``"sampled"`` mode.
+
+    Selection keeps scratch buffers between calls (``|acc|`` and a mask, for the largest tensor selected: 5 bytes
+    per fp32 element) instead of allocating them per call (:class:`~.base.Workspace`).
     """
 
     name = "topk"
@@ -110,14 +130,16 @@ class TopKCompressor(Compressor):
         self.mode = mode
         self.sample_ratio = check_density(sample_ratio, "sample_ratio")
         self._generator = torch.Generator().manual_seed(0)
+        self._workspace = Workspace()
 
     def density_at(self, step: int) -> float:
         return self.density
 
     def select(self, acc: torch.Tensor, k: int) -> torch.Tensor:
         if self.mode == "sampled":
-            return sampled_topk_indices(acc, k, self.sample_ratio, generator=self._generator)
-        return topk_indices(acc, k)
+            return sampled_topk_indices(acc, k, self.sample_ratio, generator=self._generator,
+                                        workspace=self._workspace)
+        return topk_indices(acc, k, self._workspace)
 
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
         k = count_for_density(acc.numel(), self.density_at(ctx.step))

@@ -222,6 +222,26 @@ class VarianceCompressor(Compressor):
         """Forget the variances computed for an exchange that was abandoned (state stays as before it)."""
         self._pending.clear()
 
+    @property
+    def accumulates_plainly(self) -> bool:  # discard mode zeroes part of the residual first
+        return not (self.quantize and not self.keep_quantization_error)
+
+    def after_send_all(self, key: int) -> None:
+        """Every entry of ``key`` was sent: its variance is that of an empty residual, 0 (dropped)."""
+        self._pending.pop(key, None)
+        self._v.pop(key, None)
+        self._reset.pop(key, None)
+
+    def dense_step(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """``grad += residual`` (zeroed first where discard mode says so); :meth:`after_send_all` drops the
+        variance."""
+        idx = self._reset.get(key)
+        if residual is not None:
+            if idx is not None and idx.numel():
+                residual = residual.clone()
+                residual.index_fill_(0, idx.to(residual.device), 0)
+            grad.add_(residual)
+
     # ------------------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
