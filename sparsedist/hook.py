@@ -795,13 +795,12 @@ class SparsifyState:
 
         self._layouts_now.add(layout)
         nnz = self._expected_count(params, keys)
-        if nnz is None and self.step_check is not None and self.step_check.window_start == self.step:
-            # first step of a whole-step check: count a variable-count compressor afresh (dense choices leave its
-            # last count as it was, so without this a count from a dense early phase would keep auto dense)
-            return "allgather", None
-        if nnz is None:
+        # A variable-count compressor's count comes from its last allgather; it is counted afresh at the first
+        # step of each whole-step check too (dense choices leave the last count as it was, so a count from a
+        # dense early phase would otherwise keep auto dense)
+        if nnz is None and not (self.step_check is not None and self.step_check.window_begins(self.step)):
             nnz = self._last_max_count.get(layout)
-        if nnz is None:  # a variable-count compressor's first step: count it with the allgather
+        if nnz is None:  # count it with the allgather
             return "allgather", None
         if self.cost_model is None:
             self.cost_model = probe(self.backend)

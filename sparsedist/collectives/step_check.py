@@ -82,9 +82,9 @@ class StepCheck:
             return SPARSE if (step - self.window_start) % 2 == 0 else DENSE
         return self.verdict
 
-    def measuring(self, step: int) -> bool:
-        """True while ``step`` belongs to a check window."""
-        return self._in_window(step)
+    def window_begins(self, step: int) -> bool:
+        """True if ``step`` is the first step of a check window."""
+        return self.window_start == step
 
     # -- the clock -----------------------------------------------------------------------------------------
     def begin_step(self, step: int, settled: bool, backend: Backend, now: float | None = None) -> None:

@@ -99,6 +99,10 @@ class Workspace:
             self._buffers[name] = buf
         return buf[:numel]
 
+    def abs(self, x: torch.Tensor) -> torch.Tensor:
+        """``|x|`` written into this workspace's ``"abs"`` buffer (valid until the next call)."""
+        return torch.abs(x, out=self.get("abs", x.numel(), x.dtype, x.device))
+
     def __getstate__(self) -> dict:
         return {"_buffers": {}}
 

@@ -106,9 +106,7 @@ class DGCCompressor(Compressor):
     def accumulate(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         g = grad.to(residual.dtype) if residual is not None else grad.float()
         if self.clip_norm is not None:
-            limit = self.clip_norm / math.sqrt(max(1, self._world_size))
-            norm = torch.linalg.vector_norm(g)
-            g = g * torch.clamp(limit / (norm + 1e-6), max=1.0)
+            g = g * self._clip_factor(g)
         u = self._u.get(key)
         if u is None or u.shape != g.shape:
             u = torch.zeros_like(g)
@@ -122,6 +120,12 @@ class DGCCompressor(Compressor):
             step = u_new
         self._pending[key] = u_new
         return step.clone() if residual is None else residual + step
+
+    def _clip_factor(self, g: torch.Tensor) -> torch.Tensor:
+        """Local gradient clipping: the factor (0-d tensor, <= 1) that brings ``g``'s L2 norm to at most
+        ``clip_norm * world_size ** -0.5``."""
+        limit = self.clip_norm / math.sqrt(max(1, self._world_size))
+        return torch.clamp(limit / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)
 
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
         k = count_for_density(acc.numel(), self.density_at(ctx.step))
@@ -159,9 +163,7 @@ class DGCCompressor(Compressor):
         per tensor (the previous momentum's, recycled at commit), so a dense step allocates nothing: on a CPU a
         fresh 21M-element tensor costs more than the pass that fills it (page faults)."""
         if self.clip_norm is not None:
-            limit = self.clip_norm / math.sqrt(max(1, self._world_size))
-            norm = torch.linalg.vector_norm(grad)
-            grad.mul_(torch.clamp(limit / (norm + 1e-6), max=1.0))
+            grad.mul_(self._clip_factor(grad))
         u = self._u.get(key)
         spare = self._spare.pop(key, None)
         if spare is None or spare.shape != grad.shape or spare.dtype != torch.float32 or spare.device != grad.device:

@@ -41,9 +41,9 @@ class ThresholdCompressor(Compressor):
         self._workspace = Workspace()  # |acc| and the mask, reused between calls (no page faults per call)
 
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
-        n, ws = acc.numel(), self._workspace
-        mag = torch.abs(acc, out=ws.get("abs", n, acc.dtype, acc.device))
-        idx = torch.gt(mag, self.threshold, out=ws.get("mask", n, torch.bool, acc.device)).nonzero().view(-1)
+        mag = self._workspace.abs(acc)
+        mask = self._workspace.get("mask", acc.numel(), torch.bool, acc.device)
+        idx = torch.gt(mag, self.threshold, out=mask).nonzero().view(-1)
         if not self.quantize:
             return SparseGrad(idx, acc[idx], acc.numel())
         values = torch.where(acc[idx] >= 0, self.threshold, -self.threshold).to(acc.dtype)

@@ -28,9 +28,7 @@ _PREFILTER_MAX_DENSITY = 1 / 16
 
 
 def _abs(x: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
-    if workspace is None:
-        return x.abs()
-    return torch.abs(x, out=workspace.get("abs", x.numel(), x.dtype, x.device))
+    return x.abs() if workspace is None else workspace.abs(x)
 
 
 def _at_least(mag: torch.Tensor, threshold: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:

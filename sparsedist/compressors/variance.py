@@ -135,12 +135,16 @@ class VarianceCompressor(Compressor):
         Changes no state (the reset indices are replaced in :meth:`after_send`), so an abandoned step can be
         retried.
         """
+        return super().accumulate(key, grad, self._kept_residual(key, residual))
+
+    def _kept_residual(self, key: int, residual: torch.Tensor | None) -> torch.Tensor | None:
+        """``residual``, or in discard mode a copy zeroed where the last step sent (the input is untouched)."""
         idx = self._reset.get(key)
         if idx is None or residual is None or idx.numel() == 0:
-            return super().accumulate(key, grad, residual)
+            return residual
         r = residual.clone()
         r.index_fill_(0, idx.to(r.device), 0)
-        return r + grad
+        return r
 
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
         """Select (and quantise) the elements with ``acc^2 > alpha * (v + ctx.second_moment)``.
@@ -235,12 +239,7 @@ class VarianceCompressor(Compressor):
     def dense_step(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> None:
         """``grad += residual`` (zeroed first where discard mode says so); :meth:`after_send_all` drops the
         variance."""
-        idx = self._reset.get(key)
-        if residual is not None:
-            if idx is not None and idx.numel():
-                residual = residual.clone()
-                residual.index_fill_(0, idx.to(residual.device), 0)
-            grad.add_(residual)
+        super().dense_step(key, grad, self._kept_residual(key, residual))
 
     # ------------------------------------------------------------------------------------------- state
 
