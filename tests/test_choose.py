@@ -319,3 +319,33 @@ def test_autotuner_refresh_corrects_a_choice_made_on_noisy_trials():
         tuner.observe("b", algo, preds[algo], true[algo])
     assert picks[0] == a, "the lucky trial wins first"
     assert picks[-1] == b and tuner.ratios()["b"][a] == pytest.approx(3.0), picks
+
+
+def test_autotuner_refresh_judges_the_runner_up_on_its_last_runs_not_one():
+    """The runner-up runs once per period; one lucky run must not flip the choice (its median spans periods)."""
+    from sparsedist.collectives.choose import AutoTuner
+
+    model = CostModel(alpha=20e-6, beta=1e-9)
+    choice = model.choose(1_000_000, 10_000, 2)
+    preds = {x: p.time for x, p in choice.predictions.items()}
+    tuner = AutoTuner(trials=1, explore_factor=1e9, dense_margin=0.0, refresh_every=4)
+    a, b = sorted((x for x in preds if x != "dense"), key=lambda x: preds[x])[:2]
+    true = {x: preds[x] * (1.0 if x == a else 10.0) for x in preds}
+    true[b] = preds[a] * 1.1  # b is 10 % slower than a, close enough to be re-measured every period
+    for _ in preds:  # the trials
+        algo = tuner.choose("b", choice, backend=_Twice())
+        tuner.observe("b", algo, preds[algo], true[algo])
+    b_runs, picks = 0, []
+    for _ in range(40):
+        algo = tuner.choose("b", choice, backend=_Twice())
+        picks.append(algo)
+        t = true[algo]
+        if algo == b:
+            b_runs += 1
+            t = preds[a] * 0.5 if b_runs == 3 else t  # b's third re-measurement is lucky (half of a's time)
+        tuner.observe("b", algo, preds[algo], t)
+    assert b_runs >= 4, picks  # the runner-up was re-measured every period
+    # every pick but the runner-up's single runs is a: the lucky sample was outvoted by b's earlier runs
+    assert all(p == a for p in picks if p != b), picks
+    assert picks.count(b) == b_runs and b_runs <= len(picks) // 4 + 1, picks
+    assert tuner.ratios()["b"][b] * preds[b] == pytest.approx(preds[a] * 1.1)
