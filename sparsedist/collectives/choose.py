@@ -476,8 +476,12 @@ class AutoTuner:
         self.dense_margin = float(dense_margin)
         self.refresh_every = refresh_every
         self.explore_margin = 0.25  # a runner-up within this fraction of the best is re-measured once per refresh
-        self.history = max(4, refresh_every // 2)  # samples per collective kept from one refresh to the next
         self._buckets: dict[str, dict] = {}
+
+    @property
+    def history(self) -> int:
+        """Measured ratios per collective kept from one refresh to the next."""
+        return max(4, self.refresh_every // 2)
 
     @staticmethod
     def _key(bucket) -> str:
@@ -541,8 +545,7 @@ class AutoTuner:
             # each collective keeps its last few samples across periods: the runner-up runs once per period, so
             # its estimate is the median of its last runs, not one sample (one lucky call flipped the choice:
             # 41 of 138 calls at 100 Mbit/s went to a collective 8 % slower than the best)
-            keep = self.history
-            st["recent"] = {a: r[-keep:] for a, r in recent.items()}
+            st["recent"] = {a: r[-self.history:] for a, r in recent.items()}
             # ... and the runner-up, if close, runs once in the next period, so that its estimate is refreshed
             # too (otherwise a competitor misjudged by its trials would never be measured again)
             tried = sorted(st["ratios"], key=lambda a: st["ratios"][a] * preds[a].time if a in preds else math.inf)
@@ -590,7 +593,6 @@ class AutoTuner:
         self.explore_factor = float(state.get("explore_factor", self.explore_factor))
         self.dense_margin = float(state.get("dense_margin", self.dense_margin))
         self.refresh_every = int(state.get("refresh_every", self.refresh_every))
-        self.history = max(4, self.refresh_every // 2)
         self._buckets = {k: {"plan": list(v["plan"]), "next": int(v["next"]), "best": dict(v["best"]),
                              "agreed": dict(v.get("agreed", {})), "extended": bool(v.get("extended", False)),
                              "calls": int(v.get("calls", 0)),
