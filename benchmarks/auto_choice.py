@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
                   "asynchronously, overlapped with the backward pass like plain DDP's; only the step time shows it)")
             if args.json:
                 args.json.write_text(json.dumps(summary, indent=1))
-        torch.distributed.destroy_process_group()
+        sparsedist.dist.shutdown()
         return summary
     cfg = {"source": args.source, "hidden": args.hidden, "batch": args.batch, "train_steps": args.train_steps,
            "mnist": str(_mnist_path(args.mnist)) if args.source == "mnist" else None}
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
             print(f"{'predicted':>15s}  " + "  ".join(f"{row['predicted_s'][a] * 1e3:12.2f}ms" for a in FIXED))
         if args.json:
             args.json.write_text(json.dumps(summary, indent=1))
-    torch.distributed.destroy_process_group()
+    sparsedist.dist.shutdown()
     return summary
 
 

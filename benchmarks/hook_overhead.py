@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
                       f"{row['exchange_median_s'] * 1e3:.1f} | {dens} | {chose} | {verdict} |", flush=True)
     if rank == 0 and args.json:
         args.json.write_text(json.dumps({"world_size": ws, "results": results}, indent=1))
-    torch.distributed.destroy_process_group()
+    sparsedist.dist.shutdown()
     return {"results": results}
 
 

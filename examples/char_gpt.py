@@ -516,8 +516,10 @@ def main(argv=None) -> dict:
             print_report(summary["sparsity"], label)
             if args.json:
                 args.json.write_text(json.dumps(summary, indent=2))
-    finally:
-        torch.distributed.destroy_process_group()
+    except BaseException:
+        sparsedist.dist.shutdown(drain=False)  # the other ranks may be gone: no closing collective
+        raise
+    sparsedist.dist.shutdown()
     return summary
 
 

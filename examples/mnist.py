@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
         print(json.dumps(summary))
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2))
-    torch.distributed.destroy_process_group()
+    sparsedist.dist.shutdown()
     return summary
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import sparsedist.dist  # noqa: E402
 import sparsedist.sparsity as sparsity  # noqa: E402
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3}
@@ -160,13 +161,7 @@ def main(argv=None):
 
     state = None
     if args.mask_aware:
-        import sparsedist
-
-        register = getattr(sparsedist, "register", None)
-        if register is None:
-            raise SystemExit("--mask-aware needs sparsedist.register (mask-aware DDP hook), which this "
-                             "checkout does not have")
-        state = register(ddp, "none", masks=sparse)
+        state = sparsedist.register(ddp, "none", masks=sparse)
 
     n_train = x_train.shape[0]
     global_batch = args.batch_size * world
@@ -236,7 +231,7 @@ def main(argv=None):
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(result) + "\n")
-    dist.destroy_process_group()
+    sparsedist.dist.shutdown()
     return result
 
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
         if seconds > 0 and payload else 0.0,
         "bytes_sent": backend.bytes_sent, "bytes_received": backend.bytes_received,
     }) + "\n").encode())  # one write: lines of several ranks never interleave
-    dist.destroy_process_group()
+    sparsedist.dist.shutdown()
     return 0
 
 

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             "test_accuracy": round(acc, 4), "params_identical": same, "comm": args.comm,
             "hook_bytes_sent": backend.bytes_sent if backend is not None else None, "seconds": round(time.perf_counter() - t0, 2),
         }) + "\n").encode())  # one write: lines of several ranks never interleave
-    dist.destroy_process_group()
+    sparsedist.dist.shutdown()
     return 0 if ok else 1
 
 

@@ -21,7 +21,7 @@ import torch
 
 import sparsedist.dist
 
-from sparsedist.dist import LaunchEnv, detect, expand_hostlist, init, slurm_port
+from sparsedist.dist import LaunchEnv, detect, expand_hostlist, init, shutdown, slurm_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,7 +183,8 @@ def _worker_main() -> None:
     os.write(1, ("RESULT " + json.dumps({"rank": rank, "world_size": world, "local_rank": local,
                                   "master": [os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]],
                                   "sum": t.item()}) + "\n").encode())  # one write: lines of several ranks never interleave
-    dist.destroy_process_group()
+    shutdown()
+    assert not dist.is_initialized()
 
 
 def _base_env() -> dict:

@@ -188,10 +188,9 @@ def _mpi_main() -> None:
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
-    import torch.distributed as dist
 
     from sparsedist.collectives.backend import TorchBackend
-    from sparsedist.dist import init
+    from sparsedist.dist import init, shutdown
     from sparsedist.integrations.mpi import MPIBackend
 
     world = MPI.COMM_WORLD
@@ -213,7 +212,7 @@ def _mpi_main() -> None:
         report["torch"] = _exercise(TorchBackend(), rank, size)
         report["torch_sparse"] = _exercise_sparse(TorchBackend(), rank, size)
         report["master"] = [os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]]
-        dist.destroy_process_group()
+        shutdown()
         # a file per rank: mpirun forwards each rank's stdout in chunks, so a long line from one rank can be
         # split by another rank's output (seen in CI with this ~2.5 kB report)
         out = Path(os.environ["SD_REPORT_DIR"]) / f"rank{rank}.json"

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsedist
+import sparsedist.dist
 from sparsedist import checkpoint
 
 
@@ -53,7 +54,7 @@ def main():
     if rank == 0:
         torch.save({"params": [p.detach().clone() for p in model.parameters()], "attempt": attempt,
                     "started_at": start}, args.out)
-    torch.distributed.destroy_process_group()
+    sparsedist.dist.shutdown()
 
 
 if __name__ == "__main__":
