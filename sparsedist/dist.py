@@ -463,12 +463,13 @@ def shutdown(drain: bool = True, timeout: float | timedelta = 60.0, grace: float
         drain: ``True`` at the normal end of a run. It is a collective: every rank of the default group
             must call it. One small allreduce that every rank joins (so no rank tears down while a peer still
             talks to it), then this thread sleeps, with the GIL released, until the backend has let go of that
-            allreduce's tensor and at least ``grace`` seconds have passed, so a worker still finishing an
-            earlier collective gets the GIL while the interpreter is alive. ``False`` after an error on this
-            rank: no collective (the other ranks may be gone or stuck), only the destruction.
+            allreduce's tensor. ``False`` after an error on this rank: no collective (the other ranks may be
+            gone or stuck).
         timeout: seconds (or a ``timedelta``) to wait for the closing allreduce, and again for the backend to
             let go of its tensor (past that: a warning, and the group is destroyed anyway).
-        grace: seconds, the least time this thread sleeps before destroying the group.
+        grace: seconds this thread spends asleep, at least, from the call to the destruction (with or without
+            ``drain``), so that a worker still finishing an earlier collective gets the GIL while the
+            interpreter is alive.
 
     Raises:
         TimeoutError: the closing allreduce failed or did not complete within ``timeout`` (a rank did not call
@@ -482,15 +483,18 @@ def shutdown(drain: bool = True, timeout: float | timedelta = 60.0, grace: float
         raise ValueError(f"grace must be a number of seconds >= 0, got {grace!r}")
     if not dist.is_available() or not dist.is_initialized():
         return
+    start = time.monotonic()
     try:
         if drain:
-            _drain(seconds, grace)
+            _closing_allreduce(seconds)
     finally:
+        while time.monotonic() - start < grace:  # asleep, GIL released: a worker finishing a collective gets it
+            time.sleep(0.002)
         dist.destroy_process_group()
 
 
-def _drain(seconds: float, grace: float) -> None:
-    """The closing allreduce of :func:`shutdown` and the wait for the backend to let go of its tensor."""
+def _closing_allreduce(seconds: float) -> None:
+    """The collective part of :func:`shutdown`: one allreduce, then wait until the backend lets go of its tensor."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
     token = torch.ones(1, device=device)
@@ -507,7 +511,7 @@ def _drain(seconds: float, grace: float) -> None:
         torch.cuda.synchronize(device)
     start = time.monotonic()
     use_count = getattr(token, "_use_count", lambda: 1)  # 1: this function's reference is the only one
-    while use_count() > 1 or time.monotonic() - start < grace:
+    while use_count() > 1:
         if time.monotonic() - start > seconds:
             warnings.warn(f"sparsedist.dist.shutdown(): the {dist.get_backend()} backend still held the closing "
                           f"allreduce's tensor after {seconds:g} s; destroying the process group anyway",
