@@ -467,9 +467,9 @@ def shutdown(drain: bool = True, timeout: float | timedelta = 60.0, grace: float
             gone or stuck).
         timeout: seconds (or a ``timedelta``) to wait for the closing allreduce, and again for the backend to
             let go of its tensor (past that: a warning, and the group is destroyed anyway).
-        grace: seconds this thread spends asleep, at least, from the call to the destruction (with or without
-            ``drain``), so that a worker still finishing an earlier collective gets the GIL while the
-            interpreter is alive.
+        grace: seconds this thread spends asleep, at least, between the closing allreduce (or the call, with
+            ``drain=False``) and the destruction, so that a worker still finishing an earlier collective gets
+            the GIL while the interpreter is alive.
 
     Raises:
         TimeoutError: the closing allreduce failed or did not complete within ``timeout`` (a rank did not call
@@ -483,36 +483,51 @@ def shutdown(drain: bool = True, timeout: float | timedelta = 60.0, grace: float
         raise ValueError(f"grace must be a number of seconds >= 0, got {grace!r}")
     if not dist.is_available() or not dist.is_initialized():
         return
-    start = time.monotonic()
+    token = None
+    failed = False
     try:
         if drain:
-            _closing_allreduce(seconds)
+            token = torch.ones(1, device=_backend_device())
+            _closing_allreduce(token, seconds)
+    except TimeoutError:
+        failed = True
+        raise
     finally:
-        while time.monotonic() - start < grace:  # asleep, GIL released: a worker finishing a collective gets it
-            time.sleep(0.002)
+        # asleep, the GIL released, until the backend has let go of `token` (at most `timeout`, or 1 s after a
+        # failed allreduce, whose work may stay in flight) and for `grace` seconds at least: a worker still
+        # finishing a collective gets the GIL while the interpreter is alive
+        _let_go(token, 1.0 if failed else seconds, grace)
         dist.destroy_process_group()
 
 
-def _closing_allreduce(seconds: float) -> None:
-    """The collective part of :func:`shutdown`: one allreduce, then wait until the backend lets go of its tensor."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
-    token = torch.ones(1, device=device)
+def _backend_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _closing_allreduce(token: torch.Tensor, seconds: float) -> None:
     work = dist.all_reduce(token, async_op=True)
+    error = None
     try:
         work.wait(timeout=timedelta(seconds=seconds))
     except RuntimeError as exc:
+        error = str(exc)
+    del work  # not kept alive by a traceback: its reference to `token` must go with the backend's
+    if error is not None:
         raise TimeoutError(
             f"sparsedist.dist.shutdown(): the closing allreduce failed or did not complete within {seconds:g} s "
-            f"({exc}); every rank must call shutdown() at the end of a run, and a rank that hit an error "
-            f"shutdown(drain=False)") from exc
-    del work
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+            f"({error}); every rank must call shutdown() at the end of a run, and a rank that hit an error "
+            f"shutdown(drain=False)")
+    if token.is_cuda:
+        torch.cuda.synchronize(token.device)
+
+
+def _let_go(token: torch.Tensor | None, seconds: float, grace: float) -> None:
     start = time.monotonic()
-    use_count = getattr(token, "_use_count", lambda: 1)  # 1: this function's reference is the only one
-    while use_count() > 1:
-        if time.monotonic() - start > seconds:
+    use_count = getattr(token, "_use_count", lambda: 1)  # 1: our own reference is the only one left
+    while time.monotonic() - start < grace or use_count() > 1:
+        if time.monotonic() - start > max(seconds, grace):
             warnings.warn(f"sparsedist.dist.shutdown(): the {dist.get_backend()} backend still held the closing "
                           f"allreduce's tensor after {seconds:g} s; destroying the process group anyway",
                           RuntimeWarning, stacklevel=3)
