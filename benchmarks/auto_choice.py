@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import sparsedist.dist  # noqa: E402
 from hook_overhead import timed_step  # noqa: E402
-from sparse_allreduce import _mnist_path, gradient_source  # noqa: E402
+from sparse_allreduce import gradient_source  # noqa: E402
+from sparsedist.datasets import mnist_path, read_mnist_arrays  # noqa: E402
 from sparsedist.collectives.backend import TorchBackend  # noqa: E402
 from sparsedist.collectives.choose import EXACT_ALGORITHMS, probe  # noqa: E402
 from sparsedist.collectives.sparse_allreduce import sparse_allreduce  # noqa: E402
@@ -51,13 +52,12 @@ def hook_level(args, rank: int, ws: int, be: TorchBackend) -> list[dict]:
     summed over the buckets (``stats()["collective_time"]``: accumulation, selection and the collective), and
     its step time the whole training step, each the slowest rank's. ``auto`` is measured after its trials
     (``--trial-steps`` steps are skipped for every configuration)."""
-    import numpy as np
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import sparsedist
     from sparse_allreduce import _MLP
 
-    data = np.load(_mnist_path(args.mnist))
+    data = read_mnist_arrays(args.data)
     x = torch.from_numpy(data["x_train"][rank::ws][:6400]).float().div_(255.0)
     y = torch.from_numpy(data["y_train"][rank::ws][:6400]).long()
     rows = []
@@ -107,7 +107,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--train-steps", type=int, default=5)
-    ap.add_argument("--mnist", default=None)
+    ap.add_argument("--data", "--mnist", dest="data", default=None,
+                    help="MNIST .npz or IDX folder (default: $SPARSEDIST_MNIST or ./data/mnist.npz)")
     ap.add_argument("--label", default="", help="a name for the link, printed and stored")
     ap.add_argument("--json", type=Path, help="rank 0 writes the results here")
     ap.add_argument("--mode", choices=["collective", "hook"], default="collective",
@@ -149,7 +150,7 @@ def main(argv=None) -> dict:
         sparsedist.dist.shutdown()
         return summary
     cfg = {"source": args.source, "hidden": args.hidden, "batch": args.batch, "train_steps": args.train_steps,
-           "mnist": str(_mnist_path(args.mnist)) if args.source == "mnist" else None}
+           "mnist": str(mnist_path(args.data)) if args.source == "mnist" else None}
     grad = gradient_source(rank, ws, cfg)[0]
     n = grad.numel()
     algos = FIXED + ["auto"]

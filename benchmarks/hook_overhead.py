@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -39,7 +38,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import sparsedist  # noqa: E402
 import sparsedist.dist  # noqa: E402
-from sparse_allreduce import _MLP, _mnist_path  # noqa: E402
+from sparse_allreduce import _MLP  # noqa: E402
+from sparsedist.datasets import read_mnist_arrays  # noqa: E402
 from sparsedist.collectives.backend import TorchBackend  # noqa: E402
 
 CONFIGS: dict[str, tuple[str, dict] | None] = {
@@ -132,7 +132,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=20, help="measured steps")
     ap.add_argument("--trial-steps", type=int, default=30,
                     help="steps left out (auto's per-bucket trials and its first whole-step check)")
-    ap.add_argument("--mnist", default=None)
+    ap.add_argument("--data", "--mnist", dest="data", default=None,
+                    help="MNIST .npz or IDX folder (default: $SPARSEDIST_MNIST or ./data/mnist.npz)")
     ap.add_argument("--json", type=Path, help="rank 0 writes the results here")
     args = ap.parse_args(argv)
     if "ddp" not in args.configs:
@@ -140,7 +141,7 @@ def main(argv=None) -> dict:
     rank, ws, _ = sparsedist.dist.init()
     torch.set_num_threads(1)
     be = TorchBackend()
-    data = np.load(_mnist_path(args.mnist))
+    data = read_mnist_arrays(args.data)
     x = torch.from_numpy(data["x_train"][rank::ws][:6400]).float().div_(255.0)
     y = torch.from_numpy(data["y_train"][rank::ws][:6400]).long()
     results = []

@@ -39,13 +39,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparsedist.collectives.choose import CostModel, expected_union, extrapolate, format_table  # noqa: E402
+from sparsedist.datasets import mnist_path, read_mnist_arrays  # noqa: E402
 from sparsedist.testing import run_distributed  # noqa: E402
 
 ALGOS = ["dense", "allgather", "ssar_recursive_double", "ssar_split_allgather", "ssar_split_balanced",
@@ -54,14 +54,6 @@ SHORT = {"dense": "dense", "allgather": "allgather", "ssar_recursive_double": "s
          "ssar_split_allgather": "ssar_split", "ssar_split_balanced": "ssar_split(bal)",
          "dsar_split_allgather": "dsar_split", "gtopk_est": "gtopk(est)",
          "gtopk": "gtopk(reuse)"}
-
-
-def _mnist_path(arg: str | None) -> Path:
-    for p in ([Path(arg)] if arg else []) + [ROOT.parent / "shared" / "data" / "mnist.npz",
-                                             Path("/work/shared/data/mnist.npz")]:
-        if p.exists():
-            return p
-    raise FileNotFoundError("mnist.npz not found: pass --mnist PATH (see /work/shared/data/README.md)")
 
 
 class _MLP(torch.nn.Module):
@@ -109,7 +101,7 @@ def gradient_source(rank: int, ws: int, cfg: dict):
 
     torch.manual_seed(0)
     if cfg["source"] == "mnist":
-        data = np.load(cfg["mnist"])
+        data = read_mnist_arrays(cfg["mnist"])
         x = torch.from_numpy(data["x_train"][rank::ws][: 64 * 200]).float().div_(255.0)
         y = torch.from_numpy(data["y_train"][rank::ws][: 64 * 200]).long()
         model = _MLP(cfg["hidden"])
@@ -334,7 +326,8 @@ def main(argv=None) -> None:
     ap.add_argument("--source", choices=["mnist", "charlm", "synthetic"], default="mnist",
                     help="whose gradients: the MNIST MLP, the char-level GPT of examples/char_gpt.py (818k "
                          "parameters, batch --batch sequences of 64 characters), or synthetic")
-    ap.add_argument("--mnist", default=None, help="path of mnist.npz")
+    ap.add_argument("--data", "--mnist", dest="data", default=None,
+                    help="MNIST .npz or IDX folder (default: $SPARSEDIST_MNIST or ./data/mnist.npz)")
     ap.add_argument("--hidden", type=int, default=1024, help="MLP width (1024: 1.86M parameters)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--train-steps", type=int, default=20)
@@ -354,7 +347,7 @@ def main(argv=None) -> None:
                "gtopk_steps": args.gtopk_steps, "threshold_interval": args.threshold_interval,
                "repartition_interval": args.repartition_interval, "repeats": args.repeats, "source": args.source,
                "hidden": args.hidden, "batch": args.batch, "train_steps": args.train_steps, "numel": args.numel,
-               "mnist": str(_mnist_path(args.mnist)) if args.source == "mnist" else None}
+               "mnist": str(mnist_path(args.data)) if args.source == "mnist" else None}
         what = {"mnist": f" MLP 784-{args.hidden}-{args.hidden}-10", "charlm": " char-level GPT (width 128, 4 layers)",
                 "synthetic": ""}[args.source]
         print(f"gradients: {args.source}{what}" + (f" after {args.train_steps} data-parallel steps, batch {args.batch} "

@@ -46,7 +46,6 @@ import contextlib
 import json
 import math
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -59,6 +58,7 @@ import sparsedist
 import sparsedist.dist
 import sparsedist.nn as snn
 from sparsedist.collectives.backend import ring_allreduce_bytes
+from sparsedist.datasets import tinyshakespeare
 from sparsedist.hook import COLLECTIVES
 from sparsedist.sparsity import RigL
 
@@ -66,7 +66,7 @@ from sparsedist.sparsity import RigL
 def load_text(path: Path | None) -> str:
     if path is not None:
         return path.read_text(encoding="utf-8")
-    return resources.files("sparsedist").joinpath("data/tinyshakespeare.txt").read_text(encoding="utf-8")
+    return tinyshakespeare()
 
 
 class CharData:

@@ -6,9 +6,10 @@
     torchrun --nproc_per_node=2 examples/mnist.py --compressor fp16         # PyTorch's fp16_compress_hook
     torchrun --nproc_per_node=2 examples/mnist.py --compressor topk --collective auto --eval-every 100
 
-Works under any launcher sparsedist.dist.init() recognises (torchrun, srun, mpirun). Data: ../shared/data/mnist.npz
-beside the project by default (``--data`` to point elsewhere). Rank 0 prints a progress bar, the test accuracy and
-the compression ratio from ``state.stats()``; ``--json FILE`` writes the summary.
+Works under any launcher sparsedist.dist.init() recognises (torchrun, srun, mpirun). Data: MNIST from ``--data PATH``
+(an ``.npz`` with x_train/y_train/x_test/y_test, or torchvision's MNIST/raw IDX folder), else ``$SPARSEDIST_MNIST``,
+else ``./data/mnist.npz``; see ``sparsedist/datasets.py`` for how to get it. Rank 0 prints a progress bar, the test
+accuracy and the compression ratio from ``state.stats()``; ``--json FILE`` writes the summary.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,21 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsedist
 import sparsedist.dist
+from sparsedist.datasets import load_mnist
 from sparsedist.hook import COLLECTIVES
-
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist.npz"
-
-
-def load_mnist(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train (60000, 1, 28, 28) float32 in [0, 1], y_train int64, x_test, y_test)."""
-    if not path.exists():
-        raise SystemExit(f"MNIST not found at {path}; pass --data /path/to/mnist.npz")
-    with np.load(path) as d:
-        def x(a):
-            return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
-        return x(d["x_train"]), torch.from_numpy(d["y_train"].astype(np.int64)), x(d["x_test"]), \
-            torch.from_numpy(d["y_test"].astype(np.int64))
-
 
 class MLP(nn.Module):
     def __init__(self, hidden: int = 512):
@@ -134,7 +121,7 @@ def main(argv=None) -> dict:
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning-rate schedule over the whole run (same for every compressor)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", help="MNIST .npz or IDX folder (default: $SPARSEDIST_MNIST or ./data/mnist.npz)")
     p.add_argument("--comm", choices=["torch", "mpi"], default="torch",
                    help="sparse collectives over torch.distributed or over mpi4py (MPIBackend; under mpirun)")
     p.add_argument("--collective", choices=COLLECTIVES, help="how sparse payloads are summed (default: allgather; "
@@ -152,12 +139,15 @@ def main(argv=None) -> dict:
     if args.collective and args.compressor in ("ddp", "fp16"):
         p.error(f"--collective applies to sparsedist's hooks; --compressor {args.compressor} has no sparse exchange")
 
+    try:
+        x_train, y_train, x_test, y_test = load_mnist(args.data)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"mnist.py: {e}")
     rank, world, local_rank = sparsedist.dist.init()
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // max(1, world)))
     torch.manual_seed(args.seed)
-    x_train, y_train, x_test, y_test = load_mnist(args.data)
     model = (MLP() if args.model == "mlp" else CNN()).to(device)
     ddp = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     momentum = 0.0 if args.compressor == "dgc" else args.momentum

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import sparsedist.horovod
-from mnist import CNN, DEFAULT_DATA, MLP, compressor_options, evaluate, load_mnist
+from mnist import CNN, MLP, compressor_options, evaluate
+from sparsedist.datasets import load_mnist
 
 
 def main(argv=None) -> dict:
@@ -50,11 +51,15 @@ def main(argv=None) -> dict:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", help="MNIST .npz or IDX folder (default: $SPARSEDIST_MNIST or ./data/mnist.npz)")
     p.add_argument("--json", type=Path, help="write the summary here (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
+    try:
+        x_train, y_train, x_test, y_test = load_mnist(args.data)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"mnist_horovod.py: {e}")
     hvd.init()
     rank, world = hvd.rank(), hvd.size()
     if torch.cuda.is_available():
@@ -64,7 +69,6 @@ def main(argv=None) -> dict:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // max(1, hvd.local_size())))
     torch.manual_seed(args.seed)
-    x_train, y_train, x_test, y_test = load_mnist(args.data)
     model = (MLP() if args.model == "mlp" else CNN()).to(device)
 
     # Every rank starts from rank 0's weights and optimizer state: Horovod's own helpers, called with the

@@ -13,8 +13,8 @@ fc(1568, 128)-fc(128, 10) (215,184 weights). Only the weights of Conv/Linear lay
 layer densities by default); biases stay dense. Each rank gets a disjoint slice of every global batch
 (``--batch-size`` per rank). The last line printed by rank 0 is ``RESULT {json}`` with the test accuracy.
 
-Data: ``--data`` or, by default, ``mnist.npz`` in ``$SPARSEDIST_DATA``, ``../shared/data`` next to the repository,
-or ``/work/shared/data`` (keys ``x_train``, ``y_train``, ``x_test``, ``y_test``; uint8 pixels).
+Data: MNIST from ``--data PATH`` (an ``.npz`` with x_train/y_train/x_test/y_test, uint8 pixels, or torchvision's
+MNIST/raw IDX folder), else ``$SPARSEDIST_MNIST``, else ``./data/mnist.npz`` (sparsedist/datasets.py says how to get it).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -38,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import sparsedist.dist  # noqa: E402
 import sparsedist.sparsity as sparsity  # noqa: E402
+from sparsedist.datasets import read_mnist_arrays  # noqa: E402
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3}
 
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--drop-fraction", type=float, default=0.3, help="RigL/SET: initial drop fraction alpha")
     p.add_argument("--stop-at", type=float, default=0.75, help="RigL/SET: fraction of training with updates")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=None, help="path to mnist.npz")
+    p.add_argument("--data", default=None, help="MNIST .npz or IDX folder (default: $SPARSEDIST_MNIST or ./data/mnist.npz)")
     p.add_argument("--mask-aware", action="store_true",
                    help="exchange only the active weights' gradients (sparsedist.register(ddp, 'none', masks=...))")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
@@ -73,18 +73,6 @@ def parse_args(argv=None):
     if args.mask_aware and args.method == "dense":
         p.error("--mask-aware needs a sparse method (static, set or rigl)")
     return args
-
-
-def find_data(path):
-    candidates = [path] if path else [
-        os.path.join(os.environ.get("SPARSEDIST_DATA", ""), "mnist.npz"),
-        str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"),
-        "/work/shared/data/mnist.npz",
-    ]
-    for c in candidates:
-        if c and os.path.isfile(c):
-            return c
-    raise SystemExit(f"mnist.npz not found (tried {candidates}); pass --data PATH")
 
 
 def build_model(kind):
@@ -127,9 +115,12 @@ def accuracy(model, x, y, batch=2000):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:
+        data = read_mnist_arrays(args.data)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"mnist_rigl.py: {e}")
     rank, world, device = init_distributed()
 
-    data = np.load(find_data(args.data))
     mean, std = 0.1307, 0.3081
 
     def prep(x):

@@ -14,8 +14,8 @@ communication hook: torch's ``allreduce_hook`` (``--comm torch``) or an allreduc
 the test accuracy on 2,000 test images, whether the parameters are identical on every rank (they must be after
 DDP), and the bytes the hook sent. The exit status is non-zero if any check fails.
 
-MNIST comes from ``../shared/data/mnist.npz`` next to the repository (``--data`` or ``SPARSEDIST_MNIST`` to
-point elsewhere).
+MNIST comes from ``--data PATH``, else ``$SPARSEDIST_MNIST``, else ``./data/mnist.npz`` (sparsedist/datasets.py says
+how to get it).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -38,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sparsedist.dist  # noqa: E402
+from sparsedist.datasets import read_mnist_arrays  # noqa: E402
 
-DEFAULT_DATA = ROOT / "../shared/data/mnist.npz"
 
 
 def backend_allreduce_hook(backend, bucket):
@@ -57,8 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
     p.add_argument("--batch", type=int, default=64, help="per-rank batch size (default 64)")
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--data", default=os.environ.get("SPARSEDIST_MNIST", str(DEFAULT_DATA)),
-                   help="path to mnist.npz")
+    p.add_argument("--data", help="MNIST .npz or IDX folder (default: $SPARSEDIST_MNIST or ./data/mnist.npz)")
     p.add_argument("--comm", choices=("torch", "mpi"), default="torch",
                    help="gradient exchange: torch's allreduce_hook, or an allreduce over mpi4py (MPIBackend)")
     p.add_argument("--timeout", type=float, default=300, help="seconds for rendezvous and each collective")
@@ -69,7 +67,7 @@ def main(argv=None) -> int:
     rank, world, local_rank = sparsedist.dist.init(timeout=args.timeout)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
-    data = np.load(args.data)
+    data = read_mnist_arrays(args.data)
     x = torch.from_numpy(data["x_train"][rank::world].reshape(-1, 784)).float().div_(255)
     y = torch.from_numpy(data["y_train"][rank::world]).long()
     xt = torch.from_numpy(data["x_test"][:2000].reshape(-1, 784)).float().div_(255).to(device)

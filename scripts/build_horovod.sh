@@ -5,10 +5,13 @@
 # (horovod issue #3996; the fix is merged upstream but unreleased). This script downloads the sdist, switches
 # the two CMakeLists.txt to C++17 and builds it without build isolation against the torch already installed.
 # About 4 minutes on 2 cores and 2.4 GB of peak memory. Idempotent: does nothing when `import horovod.torch`
-# already works. Every pip command pins torch==2.13.0 so the build can never replace torch.
+# already works. The built wheel is kept in a cache keyed by the Python and torch versions, so another environment
+# on the same machine (a new virtualenv, CI's fresh clone) installs it in seconds instead of building again.
+# Every pip command pins torch==2.13.0 so the build can never replace torch.
 #
 #   bash scripts/build_horovod.sh
 #   HOROVOD_BUILD_DIR=/somewhere bash scripts/build_horovod.sh   # where the sdist is unpacked (default: a temp dir)
+#   SPARSEDIST_WHEEL_CACHE=/somewhere bash scripts/...           # wheel cache (default: ~/.cache/sparsedist/wheels)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,6 +42,16 @@ fi
 pin=(-c "$here/constraints.txt" "torch==2.13.0")
 "$PY" -m pip install -q "${pin[@]}" wheel packaging
 
+# A wheel built earlier on this machine for the same Python and torch: install it and stop.
+key="$("$PY" -c 'import sys, torch; print(f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}")')"
+cache="${SPARSEDIST_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sparsedist/wheels}/horovod-$VERSION-$key"
+if compgen -G "$cache/horovod-$VERSION-*.whl" >/dev/null \
+        && "$PY" -m pip install -q "${pin[@]}" "$cache"/horovod-"$VERSION"-*.whl \
+        && "$PY" -c "import horovod.torch" 2>/dev/null; then
+    echo "build_horovod: installed the cached wheel from $cache in $(( $(date +%s) - start )) s"
+    exit 0
+fi
+
 build_dir="${HOROVOD_BUILD_DIR:-}"
 cleanup=""
 if [[ -z "$build_dir" ]]; then
@@ -59,9 +72,11 @@ grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" \
     || { echo "build_horovod: could not switch horovod/torch/CMakeLists.txt to C++17" >&2; exit 1; }
 
 echo "build_horovod: building Horovod $VERSION (takes a few minutes)"
+mkdir -p "$cache"
 HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
-    "$PY" -m pip install -q --no-cache-dir --no-build-isolation "${pin[@]}" "$src"
+    "$PY" -m pip wheel -q --no-deps --no-cache-dir --no-build-isolation -w "$cache" "$src"
+"$PY" -m pip install -q "${pin[@]}" "$cache"/horovod-"$VERSION"-*.whl
 
 "$PY" - <<'PY'
 import horovod

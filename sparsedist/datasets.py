@@ -44,12 +44,19 @@ class MNIST(NamedTuple):
 
 
 def mnist_path(path: str | os.PathLike | None = None) -> Path:
-    """Where MNIST is read from: ``path`` if given, else ``$SPARSEDIST_MNIST``, else ``./data/mnist.npz``."""
+    """Where MNIST is read from: ``path`` if given, else ``$SPARSEDIST_MNIST``, else ``./data/mnist.npz``.
+
+    Raises ``FileNotFoundError`` naming the path tried and how to get the data when nothing is there.
+    """
     if path:
-        return Path(path).expanduser()
-    if os.environ.get(MNIST_ENV):
-        return Path(os.environ[MNIST_ENV]).expanduser()
-    return DEFAULT_MNIST
+        where, source = Path(path).expanduser(), "the argument"
+    elif os.environ.get(MNIST_ENV):
+        where, source = Path(os.environ[MNIST_ENV]).expanduser(), f"${MNIST_ENV}"
+    else:
+        where, source = DEFAULT_MNIST, "the default"
+    if not where.exists():
+        raise FileNotFoundError(f"MNIST not found at {where} ({source}). {HOW_TO_GET_MNIST}")
+    return where
 
 
 def read_mnist_arrays(path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
@@ -61,16 +68,13 @@ def read_mnist_arrays(path: str | os.PathLike | None = None) -> dict[str, np.nda
     where = mnist_path(path)
     if where.is_dir():
         arrays = {key: _read_idx(_find_idx(where, name)) for key, name in IDX_FILES.items()}
-    elif where.is_file():
+    else:
         with np.load(where) as npz:
             missing = [k for k in IDX_FILES if k not in npz.files]
             if missing:
                 raise ValueError(f"{where} has no array(s) {missing}; an MNIST .npz holds x_train, y_train, "
                                  f"x_test, y_test. {HOW_TO_GET_MNIST}")
             arrays = {k: npz[k] for k in IDX_FILES}
-    else:
-        source = "the argument" if path else (f"${MNIST_ENV}" if os.environ.get(MNIST_ENV) else "the default")
-        raise FileNotFoundError(f"MNIST not found at {where} ({source}). {HOW_TO_GET_MNIST}")
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (x.shape[0],):

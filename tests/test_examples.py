@@ -7,10 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 
 
 def _port():
@@ -28,11 +25,10 @@ def _torchrun(script, *args, timeout=240):
     return proc.stdout
 
 
-@pytest.mark.skipif(not MNIST.exists(), reason=f"MNIST data not found at {MNIST}")
-def test_mnist_example_under_torchrun(tmp_path):
+def test_mnist_example_under_torchrun(tmp_path, mnist_small):
     out = tmp_path / "summary.json"
-    _torchrun("mnist.py", "--compressor", "topk", "--density", "0.01", "--steps", "40", "--quiet",
-              "--json", str(out))
+    _torchrun("mnist.py", "--data", str(mnist_small), "--compressor", "topk", "--density", "0.01", "--steps", "40",
+              "--quiet", "--json", str(out))
     summary = json.loads(out.read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 40
     assert summary["test_accuracy"] > 30.0  # well above chance (10%) after 40 steps
@@ -49,7 +45,6 @@ def test_char_gpt_demo_runs_on_the_bundled_text(tmp_path):
     assert summary["compression_ratio"] > 40
 
 
-@pytest.mark.skipif(not MNIST.exists(), reason=f"MNIST data not found at {MNIST}")
 def test_mnist_time_to_accuracy_flags(tmp_path):
     """--eval-every records accuracy against training seconds; --target-accuracy stops every rank at the same step;
     fp16 is PyTorch's own hook; --collective reaches the hook."""
@@ -82,3 +77,14 @@ def test_char_gpt_fp16_and_target_loss(tmp_path):
     _torchrun("char_gpt.py", "--compressor", "topk", "--collective", "ssar_recursive_double", *common[:1], "6",
               *common[2:], "--json", str(out))
     assert set(json.loads(out.read_text())["sparsity"]["gradients"]["collectives"]) == {"ssar_recursive_double"}
+
+
+def test_examples_without_mnist_stop_with_how_to_get_it(tmp_path):
+    """No data: each MNIST example exits before any rendezvous, naming the path it tried and how to get MNIST."""
+    missing = tmp_path / "nowhere" / "mnist.npz"
+    for script in ("mnist.py", "mnist_rigl.py"):
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--data", str(missing)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1, (script, proc.stderr[-2000:])
+        assert str(missing) in proc.stderr and "torchvision.datasets.MNIST" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr

@@ -9,16 +9,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = [ROOT.parent / "shared" / "data" / "mnist.npz", Path("/work/shared/data/mnist.npz")]
 
-
-def test_mnist_rigl_example_two_ranks(tmp_path):
-    data = next((d for d in DATA if d.is_file()), None)
-    if data is None:
-        pytest.skip("mnist.npz not found next to the repository (../shared/data)")
+def test_mnist_rigl_example_two_ranks(tmp_path, mnist_small):
     out = tmp_path / "result.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "examples" / "mnist_rigl.py"), "--data", str(data), "--method", "rigl", "--steps", "40",
+           str(ROOT / "examples" / "mnist_rigl.py"), "--data", str(mnist_small), "--method", "rigl", "--steps", "40",
            "--update-every", "10", "--mask-aware", "--no-progress", "--json", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
