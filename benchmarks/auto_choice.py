@@ -40,7 +40,8 @@ from hook_overhead import timed_step  # noqa: E402
 from sparse_allreduce import gradient_source  # noqa: E402
 from sparsedist.datasets import mnist_path, read_mnist_arrays  # noqa: E402
 from sparsedist.collectives.backend import TorchBackend  # noqa: E402
-from sparsedist.collectives.choose import EXACT_ALGORITHMS, probe  # noqa: E402
+from sparsedist.collectives import probe  # noqa: E402
+from sparsedist.collectives.registry import EXACT_ALGORITHMS  # noqa: E402
 from sparsedist.collectives.sparse_allreduce import sparse_allreduce  # noqa: E402
 
 FIXED = ["dense", "allgather", "ssar_recursive_double", "ssar_split_allgather", "dsar_split_allgather"]

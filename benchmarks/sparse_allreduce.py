@@ -44,7 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparsedist.collectives.choose import CostModel, expected_union, extrapolate, format_table  # noqa: E402
+from sparsedist.collectives.choose import CostModel, expected_union  # noqa: E402
+from sparsedist.collectives.report import extrapolate, format_table  # noqa: E402
 from sparsedist.datasets import mnist_path, read_mnist_arrays  # noqa: E402
 from sparsedist.testing import run_distributed  # noqa: E402
 
@@ -154,7 +155,7 @@ def gradient_source(rank: int, ws: int, cfg: dict):
 def _worker(rank: int, ws: int, cfg: dict):
 
     from sparsedist.collectives.backend import TorchBackend
-    from sparsedist.collectives.choose import probe
+    from sparsedist.collectives import probe
     from sparsedist.collectives.gtopk import GlobalTopK
     from sparsedist.collectives.sparse_allreduce import sparse_allreduce
 

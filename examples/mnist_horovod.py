@@ -5,7 +5,7 @@
     horovodrun -np 2 -H localhost:2 --gloo python examples/mnist_horovod.py --compressor hvd   # plain Horovod
     NP=2 launch/horovodrun.sh examples/mnist_horovod.py --compressor topk                     # the same
 
-The model, data and evaluation are examples/mnist.py's (imported from it). Horovod needs
+The model, data, flags and evaluation are examples/mnist.py's (from examples/common.py). Horovod needs
 ``bash scripts/build_horovod.sh``. Rank 0 prints a progress bar, then one JSON line with the test accuracy and
 the optimizer's ``stats()`` (bytes sent, compression ratio); ``--json FILE`` also writes it to a file.
 """
@@ -13,18 +13,15 @@ the optimizer's ``stats()`` (bytes sent, compression ratio); ``--json FILE`` als
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import horovod.torch as hvd
 import torch
-import torch.nn.functional as F
 
 import sparsedist.horovod
-from mnist import CNN, MLP, compressor_options, evaluate
-from sparsedist.datasets import load_mnist
+from common import (CNN, MLP, Progress, add_compressor_arguments, add_training_arguments, compressor_options,
+                    epoch_order, evaluate, mnist_or_exit, report, train_step)
 
 
 def main(argv=None) -> dict:
@@ -32,34 +29,11 @@ def main(argv=None) -> dict:
     p.add_argument("--compressor", default="topk",
                    choices=["hvd", "none", "topk", "threshold", "randk", "variance", "dgc"],
                    help="'hvd' = plain hvd.DistributedOptimizer (dense allreduce), for comparison")
-    p.add_argument("--density", type=float, default=0.01)
-    p.add_argument("--threshold", type=float, default=0.005)
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--zeta", type=float, default=0.999)
-    p.add_argument("--sampled", action="store_true", help="top-k with a sampled threshold")
-    p.add_argument("--wangni", action="store_true", help="rand-k: Wangni et al.'s unbiased variant")
-    p.add_argument("--no-error-feedback", action="store_true")
-    p.add_argument("--value-dtype", choices=["float32", "float16", "bfloat16"], help="dtype values travel in")
-    p.add_argument("--granularity", choices=["layer", "bucket"])
-    p.add_argument("--warmup-epochs", type=int, default=1, help="DGC density warm-up")
-    p.add_argument("--clip-norm", type=float, default=0.0, help="DGC local gradient clipping (0: off)")
-    p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
-    p.add_argument("--batch-size", type=int, default=64, help="per rank")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", help="MNIST .npz or IDX folder (default: $SPARSEDIST_MNIST or ./data/mnist.npz)")
-    p.add_argument("--json", type=Path, help="write the summary here (rank 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compressor_arguments(p)
+    add_training_arguments(p)
     args = p.parse_args(argv)
 
-    try:
-        x_train, y_train, x_test, y_test = load_mnist(args.data)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"mnist_horovod.py: {e}")
+    x_train, y_train, x_test, y_test = mnist_or_exit(args.data, "mnist_horovod.py")
     hvd.init()
     rank, world = hvd.rank(), hvd.size()
     if torch.cuda.is_available():
@@ -94,53 +68,24 @@ def main(argv=None) -> dict:
     if args.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     stats = getattr(optimizer, "stats", None)
-    bar = None
-    if rank == 0 and not args.quiet:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=total_steps, desc=f"mnist horovod {args.compressor}", unit="step")
-        except ImportError:
-            bar = None
+    bar = Progress(total_steps, f"mnist horovod {args.compressor}", rank == 0 and not args.quiet)
     step = 0
-    loss_value = float("nan")
     start = time.perf_counter()
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        order = torch.randperm(x_train.shape[0], generator=g)[rank * per_rank:(rank + 1) * per_rank]
+        order = epoch_order(x_train.shape[0], args.seed, epoch, rank, per_rank)
         for b in range(steps_per_epoch):
             if step >= total_steps:
                 break
             idx = order[b * args.batch_size:(b + 1) * args.batch_size]
-            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+            loss = train_step(model, optimizer, scheduler, x_train, y_train, idx, device)
             step += 1
-            if bar is not None:
-                loss_value = 0.9 * loss_value + 0.1 * loss.item() if math.isfinite(loss_value) else loss.item()
-                postfix = {"loss": f"{loss_value:.3f}"}
-                if stats is not None:
-                    postfix["ratio"] = f"{stats()['compression_ratio']:.0f}x"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
+            bar.update(loss, None if stats is None or bar.bar is None else stats())
     elapsed = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
+    bar.close()
     acc = evaluate(model, x_test, y_test, device)
     summary = {"launcher": "horovodrun", "compressor": args.compressor, "world_size": world, "steps": step,
                "test_accuracy": acc, "seconds": round(elapsed, 2), "seed": args.seed}
-    if stats is not None:
-        s = stats()
-        summary.update({k: s[k] for k in ("bytes_sent", "bytes_received", "bytes_dense", "compression_ratio",
-                                           "density", "residual_norm", "collectives")})
-    if rank == 0:
-        print(json.dumps(summary), flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(summary, indent=2))
-    return summary
+    return report(summary, None if stats is None else stats(), rank, args.json)
 
 
 if __name__ == "__main__":

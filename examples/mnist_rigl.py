@@ -22,22 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import sparsedist.dist  # noqa: E402
 import sparsedist.sparsity as sparsity  # noqa: E402
-from sparsedist.datasets import read_mnist_arrays  # noqa: E402
+from common import Progress, add_data_argument, evaluate, mnist_or_exit  # noqa: E402
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3}
 
@@ -59,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--drop-fraction", type=float, default=0.3, help="RigL/SET: initial drop fraction alpha")
     p.add_argument("--stop-at", type=float, default=0.75, help="RigL/SET: fraction of training with updates")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=None, help="MNIST .npz or IDX folder (default: $SPARSEDIST_MNIST or ./data/mnist.npz)")
+    add_data_argument(p)
     p.add_argument("--mask-aware", action="store_true",
                    help="exchange only the active weights' gradients (sparsedist.register(ddp, 'none', masks=...))")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
@@ -85,49 +81,15 @@ def build_model(kind):
         nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-def init_distributed():
-    """torchrun's environment if present, else a one-process group; returns (rank, world, device)."""
-    use_cuda = torch.cuda.is_available()
-    backend = "nccl" if use_cuda else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, timeout=timedelta(seconds=300))
-    else:
-        init_dir = tempfile.mkdtemp(prefix="mnist-rigl-")
-        dist.init_process_group(backend, init_method=f"file://{init_dir}/init", rank=0, world_size=1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-@torch.no_grad()
-def accuracy(model, x, y, batch=2000):
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), batch):
-        correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
-    model.train()
-    return correct / len(x)
-
-
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        data = read_mnist_arrays(args.data)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"mnist_rigl.py: {e}")
-    rank, world, device = init_distributed()
-
+    data = mnist_or_exit(args.data, "mnist_rigl.py")
+    rank, world, local_rank = sparsedist.dist.init(timeout=300, standalone=True)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     mean, std = 0.1307, 0.3081
-
-    def prep(x):
-        return ((torch.from_numpy(x).float() / 255.0 - mean) / std).unsqueeze(1).to(device)
-
-    x_train, y_train = prep(data["x_train"]), torch.from_numpy(data["y_train"]).long().to(device)
-    x_test, y_test = prep(data["x_test"]), torch.from_numpy(data["y_test"]).long().to(device)
+    x_train, y_train = ((data.x_train - mean) / std).to(device), data.y_train.to(device)
+    x_test, y_test = ((data.x_test - mean) / std).to(device), data.y_test.to(device)
 
     torch.manual_seed(args.seed)
     model = build_model(args.model).to(device)
@@ -157,14 +119,7 @@ def main(argv=None):
     n_train = x_train.shape[0]
     global_batch = args.batch_size * world
     per_epoch = n_train // global_batch
-    progress = None
-    if rank == 0 and not args.no_progress:
-        try:
-            from tqdm import tqdm
-
-            progress = tqdm(total=args.steps, desc=f"{args.model}/{args.method}/{args.optimizer}", unit="step")
-        except ImportError:
-            progress = None
+    progress = Progress(args.steps, f"{args.model}/{args.method}/{args.optimizer}", rank == 0 and not args.no_progress)
     perm = None
     t0 = time.time()
     loss_ema = None
@@ -182,15 +137,11 @@ def main(argv=None):
             sparse.step()
         sched.step()
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        if progress is not None:
-            progress.update(1)
-            if step % 50 == 0:
-                progress.set_postfix(loss=f"{loss_ema:.3f}")
-    if progress is not None:
-        progress.close()
+        progress.update(loss)
+    progress.close()
     train_time = time.time() - t0
 
-    test_acc = accuracy(model, x_test, y_test)
+    test_acc = evaluate(model, x_test, y_test, device) / 100
     result = {
         "model": args.model, "method": args.method, "optimizer": args.optimizer, "sparsity": args.sparsity,
         "distribution": args.distribution, "seed": args.seed, "steps": args.steps, "world_size": world,

@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
-from .compressors import COMPRESSORS, Compressor, build_compressor, compressor_options
-from .hook import STATE_OPTIONS, SparsifyState, sparsify_hook
+from .compressors import Compressor
+from .hook import SparsifyState, sparsify_hook
 
 __all__ = ["register"]
 
 
-def register(model: torch.nn.parallel.DistributedDataParallel, compressor: str | Compressor = "topk",
+def register(model: torch.nn.parallel.DistributedDataParallel, compressor: str | Compressor | SparsifyState = "topk",
              **options: Any) -> SparsifyState:
     """Build a :class:`SparsifyState`, register :func:`sparsify_hook` on ``model``, and return the state.
 
@@ -25,11 +25,12 @@ def register(model: torch.nn.parallel.DistributedDataParallel, compressor: str |
 
     Args:
         model: the ``DistributedDataParallel`` model.
-        compressor: ``"none"``, ``"topk"``, ``"threshold"``, ``"randk"``, ``"variance"``, ``"dgc"``, or a
-            :class:`~sparsedist.compressors.Compressor` object.
+        compressor: ``"none"``, ``"topk"``, ``"threshold"``, ``"randk"``, ``"variance"``, ``"dgc"``, a
+            :class:`~sparsedist.compressors.Compressor` object, or an unpickled :class:`SparsifyState` (it is
+            attached to ``model``, with ``masks``/``grad_scaler``/``optimizer`` from ``options``, and registered).
         **options: the compressor's options (e.g. ``density``, ``threshold``, ``alpha``/``zeta``, ``momentum``,
-            ``warmup_steps``, ``clip_norm``, ``mode``, ``variant``) and the state's (see
-            :data:`sparsedist.hook.STATE_OPTIONS`: ``error_feedback``, ``value_dtype``, ``granularity``,
+            ``warmup_steps``, ``clip_norm``, ``mode``, ``variant``) and the exchange's (see
+            :data:`sparsedist.options.STATE_OPTIONS`: ``error_feedback``, ``value_dtype``, ``granularity``,
             ``dense_below``, ``seed``, ``masks``, ``grad_scaler``, ``optimizer``, ``timeout``, ...).
 
     Returns:
@@ -42,23 +43,13 @@ def register(model: torch.nn.parallel.DistributedDataParallel, compressor: str |
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         raise TypeError(f"sparsedist.register needs a torch.nn.parallel.DistributedDataParallel model, got "
                         f"{type(model).__name__}; wrap it first: DistributedDataParallel(model)")
-    state_opts = {k: v for k, v in options.items() if k in STATE_OPTIONS}
-    comp_opts = {k: v for k, v in options.items() if k not in STATE_OPTIONS}
-    if isinstance(compressor, Compressor):
-        if comp_opts:
-            raise ValueError(f"unknown option(s) {sorted(comp_opts)}: a Compressor object carries its own "
-                             f"settings; options accepted here: {sorted(STATE_OPTIONS)}")
-        comp = compressor
+    if isinstance(compressor, SparsifyState):
+        extra = sorted(set(options) - {"masks", "grad_scaler", "optimizer"})
+        if extra:
+            raise ValueError(f"an existing SparsifyState keeps its own options; only masks, grad_scaler and "
+                             f"optimizer can be given again, not {extra}")
+        state = compressor.attach(model, **options)
     else:
-        if isinstance(compressor, str) and compressor in COMPRESSORS:
-            unknown = sorted(set(comp_opts) - set(compressor_options(compressor)))
-            if unknown:
-                raise ValueError(
-                    f"unknown option(s) {unknown} for compressor {compressor!r}; valid: "
-                    f"{sorted(compressor_options(compressor))} (compressor) and {sorted(STATE_OPTIONS)} (exchange)")
-        comp = build_compressor(compressor, **comp_opts)
-    state = SparsifyState(model, comp, **state_opts)
-    if comp is not None and hasattr(comp, "set_world_size"):
-        comp.set_world_size(state.world_size)
+        state = SparsifyState(model, compressor, **options)
     model.register_comm_hook(state, sparsify_hook)
     return state

@@ -24,6 +24,12 @@ The keys of :meth:`Telemetry.as_dict` are public API:
 ``collectives``
     how many times each exchange path was used, e.g. ``{"allgather": 120, "allreduce": 3}``. Under
     ``collective="auto"``, ``"dense"`` counts buckets that auto sent in full (no selection, residual flushed).
+``buckets`` / ``overlapped``
+    bucket exchanges so far, and how many of them ran asynchronously, overlapped with the rest of the backward
+    pass (plain DDP's dense allreduce; fixed-count sparse exchanges: top-k, DGC, rand-k and mask-aware selection
+    with ``collective="allgather"``, without a ``timeout``). The others (variable counts: threshold, variance,
+    Wangni's rand-k; the multi-round SparCML algorithms and the global top-k; ``collective="auto"``, which
+    measures) run synchronously inside the hook.
 ``collective_time``
     per sparse collective algorithm: ``{"calls", "measured_s", "predicted_s"}``, the summed measured seconds
     of the bucket's exchange (error-feedback accumulation and selection included) and, when the algorithm was
@@ -32,7 +38,7 @@ The keys of :meth:`Telemetry.as_dict` are public API:
     measured seconds: its time overlaps the backward pass and is not measured per bucket.
 ``auto_ratios``
     ``collective="auto"`` only: per bucket (``"index:numel"``) whose trials are done, the measured/predicted
-    time ratio of each collective tried, averaged over ranks (:class:`sparsedist.collectives.choose.AutoTuner`);
+    time ratio of each collective tried, averaged over ranks (:class:`sparsedist.collectives.AutoTuner`);
     the choice minimises ratio x predicted time. Empty otherwise.
 ``step_check``
     ``collective="auto"`` with a compressor only (else None): the whole-step check of auto's sparse choices
@@ -45,6 +51,8 @@ from __future__ import annotations
 
 from collections import Counter
 from typing import Any
+
+import torch
 
 __all__ = ["Telemetry"]
 
@@ -64,18 +72,24 @@ class Telemetry:
         self.density_sum = 0.0
         self.last_density = 0.0
         self.collectives: Counter[str] = Counter()
+        self.buckets = 0
+        self.overlapped = 0
         self.collective_time: dict[str, dict[str, Any]] = {}
         self._step_sent = 0
         self._step_total = 0
+        self._overflowed: set[int] = set()          # recent steps already counted as overflow steps
+        self._device_flags: list[tuple[int, torch.Tensor]] = []  # (step, 0-d "finite" flag) read when asked
 
     def record_bucket(self, *, sent_bytes: int, received_bytes: int, dense_bytes: int, elements_sent: int,
-                      elements_total: int, collective: str) -> None:
+                      elements_total: int, collective: str, overlapped: bool = False) -> None:
         self.bytes_sent += int(sent_bytes)
         self.bytes_received += int(received_bytes)
         self.bytes_dense += int(dense_bytes)
         self._step_sent += int(elements_sent)
         self._step_total += int(elements_total)
         self.collectives[collective] += 1
+        self.buckets += 1
+        self.overlapped += int(overlapped)
 
     def record_choice(self, algorithm: str, predicted_s: float | None, measured_s: float) -> None:
         entry = self.collective_time.setdefault(algorithm, {"calls": 0, "measured_s": 0.0, "predicted_s": None})
@@ -84,14 +98,31 @@ class Telemetry:
         if predicted_s is not None:
             entry["predicted_s"] = (entry["predicted_s"] or 0.0) + predicted_s
 
-    def end_step(self, overflow: bool = False) -> None:
+    def end_step(self) -> None:
         self.last_density = self._step_sent / self._step_total if self._step_total else 0.0
         self.density_sum += self.last_density
         self.steps += 1
-        self.overflow_steps += int(overflow)
         self._step_sent = self._step_total = 0
 
+    def record_finite(self, step: int, finite: bool | torch.Tensor) -> None:
+        """Count ``step`` as an overflow step (once, however many buckets overflowed) unless ``finite``.
+
+        ``finite`` may be a 0-d device tensor (an overlapped exchange on an accelerator): it is read only when
+        the telemetry is asked for, so the exchange needs no host synchronisation. May be called from the
+        communication thread.
+        """
+        if isinstance(finite, torch.Tensor):
+            self._device_flags.append((step, finite))
+        elif not finite and step not in self._overflowed:
+            self._overflowed.add(step)
+            self.overflow_steps += 1
+            if len(self._overflowed) > 64:
+                self._overflowed = {s for s in self._overflowed if s > step - 32}
+
     def as_dict(self, residual_norm: float) -> dict[str, Any]:
+        flags, self._device_flags = self._device_flags, []
+        for step, finite in flags:
+            self.record_finite(step, bool(finite))
         return {
             "steps": self.steps,
             "bytes_sent": self.bytes_sent,
@@ -103,13 +134,18 @@ class Telemetry:
             "residual_norm": residual_norm,
             "overflow_steps": self.overflow_steps,
             "collectives": dict(self.collectives),
+            "buckets": self.buckets,
+            "overlapped": self.overlapped,
             "collective_time": {k: dict(v) for k, v in self.collective_time.items()},
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, (Counter, dict)) else v) for k, v in self.__dict__.items()}
+        self.as_dict(0.0)  # reads any pending device flags
+        return {k: (dict(v) if isinstance(v, (Counter, dict)) else v) for k, v in self.__dict__.items()
+                if k not in ("_overflowed", "_device_flags")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
         for k, v in state.items():
-            setattr(self, k, Counter(v) if k == "collectives" else v)
+            if k not in ("_overflowed", "_device_flags"):
+                setattr(self, k, Counter(v) if k == "collectives" else v)

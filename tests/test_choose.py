@@ -8,8 +8,10 @@ import time
 import pytest
 import torch
 
+from sparsedist.collectives import probe
 from sparsedist.collectives.choose import (ALGORITHMS, EXACT_ALGORITHMS, CostModel, choose, effective_universe,
-                                           expected_union, extrapolate, format_table, predict, probe)
+                                           expected_union, predict)
+from sparsedist.collectives.report import extrapolate, format_table
 from sparsedist.testing import run_distributed
 
 
@@ -42,7 +44,7 @@ def test_predictions_follow_the_formulas():
     pr = predict(n, k, P, alpha=1e-5, beta=1e-9)
     assert pr["dense"].bytes == pytest.approx(2 * (P - 1) / P * n * 4)
     assert pr["dense"].latency == 2 * (P - 1)
-    assert pr["allgather"].bytes == pytest.approx((P - 1) * 16 + (P - 1) * (8 + k * 8))
+    assert pr["allgather"].bytes == pytest.approx((P - 1) * 16 + (P - 1) * k * 8)  # header, then int32 + fp32
     for name, p in pr.items():
         assert p.time == pytest.approx(1e-5 * p.latency + 1e-9 * p.bytes), name
     # allgather grows linearly with P, the dense ring stays flat
@@ -96,11 +98,14 @@ def test_dense_switch_in_the_model():
     assert same["ssar_recursive_double"].bytes == pytest.approx(3 * (16 + k * 8))
 
 
-def test_model_constants_match_the_code():
-    from sparsedist.collectives import choose as ch
-    from sparsedist.collectives.gtopk import COUNT_HEADER_BYTES
+def test_every_registered_collective_prices_itself():
+    """The model prices exactly the registry's algorithms, each by its own cost() beside its code."""
+    from sparsedist.collectives.registry import COLLECTIVES
 
-    assert ch._GTOPK_REUSE_HEAD == COUNT_HEADER_BYTES
+    preds = predict(100_000, 500, 4, alpha=1e-5, beta=1e-9)
+    assert list(preds) == list(COLLECTIVES) == list(ALGORITHMS)
+    for name, pred in preds.items():
+        assert pred.bytes > 0 and pred.latency > 0, name
 
 
 def test_edge_cases_and_validation():
@@ -198,7 +203,7 @@ class _SumOfTwo:
 
 
 def test_autotuner_tries_plausible_candidates_then_follows_measured_ratios():
-    from sparsedist.collectives.choose import AutoTuner
+    from sparsedist.collectives.tuner import AutoTuner
 
     model = CostModel(alpha=20e-6, beta=1e-9)
     choice = model.choose(1_000_000, 10_000, 2)  # every exact candidate, with predictions
@@ -241,7 +246,7 @@ def test_autotuner_tries_plausible_candidates_then_follows_measured_ratios():
 def test_autotuner_second_look_and_untried_candidates():
     """Left out by the model, a candidate is still tried when its bare prediction is within explore_factor of the
     best measured time; candidates never tried take the largest agreed ratio."""
-    from sparsedist.collectives.choose import AutoTuner
+    from sparsedist.collectives.tuner import AutoTuner
 
     model = CostModel(alpha=20e-6, beta=1e-9)
     choice = model.choose(1_000_000, 10_000, 2)
@@ -269,7 +274,7 @@ def test_autotuner_second_look_and_untried_candidates():
 
 
 def test_autotuner_prefers_a_measured_dense_sum_within_its_margin():
-    from sparsedist.collectives.choose import AutoTuner
+    from sparsedist.collectives.tuner import AutoTuner
 
     model = CostModel(alpha=20e-6, beta=1e-9)
     choice = model.choose(1_000_000, 10_000, 2)
@@ -300,7 +305,7 @@ class _Twice:
 
 def _tuner_after_trials(refresh_every: int, trial_times):
     """A model's choice, its predictions, and an AutoTuner whose trials measured ``trial_times(preds)[algo]``."""
-    from sparsedist.collectives.choose import AutoTuner
+    from sparsedist.collectives.tuner import AutoTuner
 
     model = CostModel(alpha=20e-6, beta=1e-9)
     choice = model.choose(1_000_000, 10_000, 2)

@@ -13,7 +13,7 @@ from sparsedist.compressors.topk import sampled_topk_indices
 
 
 def ctx(step=0, key=0, rank=0, world_size=1):
-    return SelectContext(step=step, key=key, rank=rank, world_size=world_size)
+    return SelectContext(step=step, key=f"p{key}", index=key, rank=rank, world_size=world_size)
 
 
 def test_count_for_density_is_ceil_and_at_least_one():
@@ -122,11 +122,11 @@ def test_dgc_matches_reference_momentum_correction_and_masking():
     comp = DGCCompressor(density=0.02, momentum=0.9, sample_ratio=1.0)
     residual = torch.zeros(500)
     for t, g in enumerate(grads):
-        acc = comp.accumulate(0, g, residual)
+        acc = comp.accumulate(g, residual, ctx(step=t))
         p = comp.compress(acc, ctx(step=t))
         residual = acc.clone()
         residual[p.indices] -= p.values
-        comp.after_send(0, p)
+        comp.after_send("p0", p)
         torch.testing.assert_close(p.to_dense(), ref_sent[t])
     torch.testing.assert_close(residual, ref_v)
 
@@ -134,11 +134,11 @@ def test_dgc_matches_reference_momentum_correction_and_masking():
 def test_dgc_abandoned_step_leaves_momentum_unchanged():
     comp = DGCCompressor(density=0.1, momentum=0.9, sample_ratio=1.0)
     g = torch.randn(100)
-    comp.after_send(0, comp.compress(comp.accumulate(0, g, torch.zeros(100)), ctx()))
-    before = comp.state_dict()["momentum"][0].clone()
-    comp.accumulate(0, torch.randn(100), torch.zeros(100))
-    comp.discard_pending()
-    torch.testing.assert_close(comp.state_dict()["momentum"][0], before)
+    comp.after_send("p0", comp.compress(comp.accumulate(g, torch.zeros(100), ctx()), ctx()))
+    before = comp.state_dict()["momentum"]["p0"].clone()
+    comp.accumulate(torch.randn(100), torch.zeros(100), ctx())
+    comp.discard_pending("p0")
+    torch.testing.assert_close(comp.state_dict()["momentum"]["p0"], before)
 
 
 def test_dgc_warmup_is_the_papers_exponential_schedule():
@@ -151,8 +151,7 @@ def test_dgc_warmup_is_the_papers_exponential_schedule():
 
 def test_dgc_local_clipping_scales_with_world_size():
     comp = DGCCompressor(density=1.0, momentum=0.0, clip_norm=1.0, sample_ratio=1.0)
-    comp.set_world_size(4)
-    acc = comp.accumulate(0, torch.full((4,), 10.0), torch.zeros(4))
+    acc = comp.accumulate(torch.full((4,), 10.0), torch.zeros(4), ctx(world_size=4))
     assert float(acc.norm()) == pytest.approx(0.5, rel=1e-4)  # 1.0 * 4 ** -0.5
 
 
@@ -197,11 +196,11 @@ def test_error_feedback_conserves_gradient_mass():
         for t in range(8):
             g = torch.randn(300)
             raw += g
-            acc = comp.accumulate(0, g, fb.get(0, g))
+            acc = comp.accumulate(g, fb.get("p0", g), ctx(step=t))
             p = comp.compress(acc, ctx(step=t))
             sent_total += p.to_dense()
-            fb.update(0, acc, p)
-        torch.testing.assert_close(sent_total + fb.residuals[0], raw, atol=1e-4, rtol=1e-5)
+            fb.update("p0", acc, p)
+        torch.testing.assert_close(sent_total + fb.residuals["p0"], raw, atol=1e-4, rtol=1e-5)
 
 
 def test_randk_shared_indices_are_a_uniform_subset():
@@ -251,12 +250,12 @@ def test_selection_workspace_gives_the_same_indices_and_reuses_its_buffers():
 def test_threshold_with_workspace_selects_strictly_above_tau():
     comp = build_compressor("threshold", threshold=0.5)
     for x in (torch.tensor([0.5, -0.6, 0.4, 2.0, -0.5]), torch.tensor([1.0, 0.1])):  # reuse a larger buffer
-        p = comp.compress(x, SelectContext(step=0, key=0, world_size=1, rank=0, seed=0))
+        p = comp.compress(x, SelectContext(step=0, key="p0", world_size=1, rank=0, seed=0))
         assert torch.equal(p.indices, (x.abs() > 0.5).nonzero().view(-1))
 
 
 def test_all_finite_is_exact_even_when_the_sum_overflows():
-    from sparsedist.feedback import all_finite
+    from sparsedist.payload import all_finite
 
     big = torch.full((4,), 3e38)  # finite entries whose fp32 sum is inf
     assert all_finite(big) and all_finite(torch.zeros(0)) and all_finite(torch.randn(1000))

@@ -71,12 +71,12 @@ def test_selection_on_device_matches_cpu(name, opts):
         sm = x.square() * torch.where(noisy, 4.0, 0.1) if name == "variance" else None
         got = {}
         for d, t_dev in (("cpu", torch.device("cpu")), ("dev", dev)):
-            ctx = SelectContext(step=step, key=3, world_size=2, rank=0, seed=11,
+            ctx = SelectContext(step=step, key="w", index=3, world_size=2, rank=0, seed=11,
                                 second_moment=None if sm is None else sm.to(t_dev))
-            acc = comps[d].accumulate(3, x.to(t_dev), None)
+            acc = comps[d].accumulate(x.to(t_dev), None, ctx)
             p = comps[d].compress(acc, ctx)
             assert p.indices.device == t_dev and p.values.device == t_dev, (d, p.indices.device, p.values.device)
-            comps[d].after_send(3, p)
+            comps[d].after_send("w", p)
             order = torch.argsort(p.indices)
             got[d] = (p.indices[order].cpu(), p.values[order].cpu(), p.shared_indices, p.constant)
         assert got["dev"][0].numel() > 0

@@ -62,7 +62,7 @@ def _mass(rank, collective):
         opt.zero_grad()
         ddp(c).backward()
         opt.step()
-    return -model.w.detach().clone(), state.feedback.residuals[0].clone(), raw
+    return -model.w.detach().clone(), state.feedback.residuals["w"].clone(), raw
 
 
 def scenario(rank, ws):
@@ -189,8 +189,8 @@ def _auto_resume(rank, ws):
     saved = state.state_dict()
     fresh = sparsedist.SparsifyState(ddp, sparsedist.compressors.TopKCompressor(0.05), collective="auto")
     fresh.load_state_dict(saved)
-    return (state.tuner.ratios(), fresh.tuner.ratios(), state.cost_model.state_dict(), fresh.cost_model.state_dict(),
-            state._last_union, fresh._last_union)
+    return (state.planner.tuner.ratios(), fresh.planner.tuner.ratios(), state.planner.cost_model.state_dict(),
+            fresh.planner.cost_model.state_dict(), state.planner.last_union, fresh.planner.last_union)
 
 
 def test_auto_state_round_trips_through_state_dict():
@@ -206,7 +206,7 @@ def _auto_dense_flush(rank, ws):
     ddp = DDP(model)
     state = sparsedist.register(ddp, "topk", density=0.9, collective="auto", auto_trials=0,
                                 cost_model=CostModel(alpha=1e-6, beta=1e-9))
-    key = state._key(model.w)
+    key = "w"
     residual = torch.full((400,), 0.5 + rank)  # as if earlier sparse steps had left it
     state.feedback.residuals[key] = residual.clone()
     opt = torch.optim.SGD(ddp.parameters(), lr=1.0)

@@ -174,7 +174,7 @@ def sc_mass(rank, ws):
             opt.zero_grad()
             ddp(c).backward()
             opt.step()
-        residual = state.feedback.residuals[0].clone()
+        residual = state.feedback.residuals["w"].clone()
         out[name + str(opts.get("variant", ""))] = (-model.w.detach().clone(), residual, raw)
     return out
 
@@ -248,7 +248,7 @@ def sc_state(rank, ws):
     for x, y in data[3:]:
         opt2.zero_grad(); nn.functional.cross_entropy(ddp2(x), y).backward(); opt2.step()
     names = sorted(sd["feedback"]["residuals"])
-    return straight, _flat(model2), names, restored.process_group is None, restored.step
+    return straight, _flat(model2), names, restored.options.process_group is None, restored.step
 
 
 def sc_errors(rank, ws):
@@ -368,17 +368,19 @@ def test_stats_bytes_equal_encoded_payload_sizes(results):
             nnz = [steps[r][t][1] for r in range(world)]
             for r in range(world):
                 sent = steps[r][t][0]
-                if name == "topk":
+                if name == "topk":  # a fixed count: one allgather of k entries, no size header (overlapped)
                     k = sum(max(1, -(-s // 10)) for s in sizes)
-                    expected = (world - 1) * (16 + payload_bytes(k, torch.float32))
+                    expected = (world - 1) * payload_bytes(k, torch.float32)
                 elif name == "threshold":  # packed 4-byte words, padded to the largest rank
                     expected = (world - 1) * (16 + max(payload_bytes(n, torch.float32, packed=True) for n in nnz))
                 else:  # values-only ring allreduce of k values + the flag element
                     k = sum(max(1, -(-s // 10)) for s in sizes)
                     expected = round(2 * (world - 1) / world * (k + 1) * 4)
                 assert sent == expected, (name, t, r, sent, expected)
-        dense = results[0]["sc_bytes"][name][2]["bytes_dense"]
-        assert dense == 3 * round(2 * (world - 1) / world * sum(sizes) * 4)
+        stats = results[0]["sc_bytes"][name][2]
+        assert stats["bytes_dense"] == 3 * round(2 * (world - 1) / world * sum(sizes) * 4)
+        # top-k and rand-k (fixed counts) overlap the backward pass; threshold (variable count) cannot
+        assert stats["overlapped"] == (0 if name == "threshold" else stats["buckets"]) and stats["buckets"] == 3
 
 
 def test_error_feedback_conserves_mass(results):

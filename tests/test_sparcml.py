@@ -370,7 +370,8 @@ def test_world_size_one_and_validation():
         (dict(dense_threshold=-0.5), ValueError, "dense_threshold"),
         (dict(backend="gloo"), TypeError, "Backend"),
     ]
-    from sparsedist.collectives.sparcml import balanced_bounds, ssar_split_allgather
+    from sparsedist.collectives.sparcml import ssar_split_allgather
+    from sparsedist.collectives.streams import balanced_bounds
 
     assert balanced_bounds(be, torch.tensor([1, 2, 3]), 5) == [0, 5]
     with pytest.raises(ValueError, match="split bounds"):

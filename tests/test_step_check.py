@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsedist
 from sparsedist.collectives import StepCheck
-from sparsedist.compressors import build_compressor
+from sparsedist.compressors import SelectContext, build_compressor
 from sparsedist.testing import run_distributed
 
 
@@ -111,11 +111,11 @@ def test_dgc_dense_steps_are_momentum_sgd_and_commit_only_when_told():
         for step in range(4):
             g = torch.randn(50)
             grad = g.clone()
-            dgc.dense_step(0, grad, None)
+            dgc.dense_step(grad, None, SelectContext(step=0, key=0))
             u_new = 0.9 * (u + g) if nesterov else 0.9 * u + g
             torch.testing.assert_close(grad, u_new + g if nesterov else u_new)
             if step == 2:   # an abandoned step (non-finite sum somewhere): the momentum stays as it was
-                dgc.discard_pending()
+                dgc.discard_pending(0)
                 continue
             dgc.after_send_all(0)
             u = u_new
@@ -125,7 +125,7 @@ def test_dgc_dense_steps_are_momentum_sgd_and_commit_only_when_told():
 def test_dgc_dense_step_adds_the_residual_and_clips_first():
     dgc = build_compressor("dgc", density=0.01, momentum=0.5, clip_norm=1.0)
     grad = torch.full((4,), 10.0)  # norm 20, clipped to 1
-    dgc.dense_step(0, grad, torch.ones(4))
+    dgc.dense_step(grad, torch.ones(4), SelectContext(step=0, key=0))
     torch.testing.assert_close(grad, torch.full((4,), 0.5 + 1.0))
 
 
@@ -133,7 +133,7 @@ def test_variance_dense_step_drops_its_variance():
     var = build_compressor("variance", alpha=1.0)
     var._v[0] = torch.ones(3)
     grad = torch.zeros(3)
-    var.dense_step(0, grad, torch.full((3,), 2.0))
+    var.dense_step(grad, torch.full((3,), 2.0), SelectContext(step=0, key=0))
     var.after_send_all(0)
     torch.testing.assert_close(grad, torch.full((3,), 2.0))
     assert 0 not in var.state_dict()["variance"]

@@ -59,7 +59,7 @@ def run_like_hook(comp, grads, m2s, key=3, dtype=torch.float64):
     residual = None
     out = []
     for step, (g, m) in enumerate(zip(grads, m2s)):
-        acc = comp.accumulate(key, g.to(dtype), residual)
+        acc = comp.accumulate(g.to(dtype), residual, SelectContext(step=0, key=key))
         payload = comp.compress(acc, SelectContext(step=step, key=key, second_moment=m))
         residual = acc - payload.to_dense(acc.dtype)
         comp.after_send(key, payload)
@@ -139,7 +139,7 @@ def test_quantized_error_feedback_keeps_remainder_in_r():
     payload = comp.compress(acc, SelectContext(step=0, key=0, second_moment=torch.tensor([1.0, 1.0])))
     comp.after_send(0, payload)
     residual = acc - payload.to_dense()
-    nxt = comp.accumulate(0, torch.tensor([0.25, 0.25]), residual)
+    nxt = comp.accumulate(torch.tensor([0.25, 0.25]), residual, SelectContext(step=0, key=0))
     assert nxt.tolist() == pytest.approx([0.25, 0.35])
 
 
@@ -210,7 +210,7 @@ def test_state_dict_round_trip_continues_identically():
         # sent elements is still pending inside the compressor state)
         residual = first[-1][3]
         for step in range(6, 12):
-            acc = b.accumulate(3, grads[step], residual)
+            acc = b.accumulate(grads[step], residual, SelectContext(step=0, key=3))
             payload = b.compress(acc, SelectContext(step=step, key=3, second_moment=m2s[step]))
             residual = acc - payload.to_dense(acc.dtype)
             b.after_send(3, payload)
@@ -227,22 +227,22 @@ def test_abandoned_step_leaves_state_unchanged():
     before = comp.state_dict()["variance"][1].clone()
     comp.compress(torch.tensor([float("inf"), 0.1]), SelectContext(step=1, key=1,
                                                                    second_moment=torch.tensor([float("inf"), 1.0])))
-    comp.discard_pending()
+    comp.discard_pending(1)
     comp.after_send(1, SparseGrad.empty(2, torch.float32))   # no pending: nothing to commit
     assert torch.equal(comp.state_dict()["variance"][1], before)
 
 
 def test_abandoned_step_keeps_pending_reset_in_discard_mode():
     comp = VarianceCompressor(alpha=1.0, zeta=0.5, keep_quantization_error=False)
-    acc = comp.accumulate(0, torch.tensor([3.0, 0.1]), None)
+    acc = comp.accumulate(torch.tensor([3.0, 0.1]), None, SelectContext(step=0, key=0))
     payload = comp.compress(acc, SelectContext(step=0, key=0, second_moment=torch.tensor([1.0, 1.0])))
     comp.after_send(0, payload)
     residual = acc - payload.to_dense()                      # [-1, 0.1]: the -1 must be discarded
     g = torch.tensor([0.5, 0.5])
-    first = comp.accumulate(0, g, residual)
+    first = comp.accumulate(g, residual, SelectContext(step=0, key=0))
     comp.compress(first, SelectContext(step=1, key=0, second_moment=torch.ones(2)))
-    comp.discard_pending()                                   # the exchange failed: retry from the same state
-    again = comp.accumulate(0, g, residual)
+    comp.discard_pending(1)                                   # the exchange failed: retry from the same state
+    again = comp.accumulate(g, residual, SelectContext(step=0, key=0))
     assert torch.equal(first, again) and again.tolist() == pytest.approx([0.5, 0.6])
 
 
@@ -256,7 +256,7 @@ def test_loss_scale_changes_do_not_change_the_rule():
     residual_unscaled = None
     for step, (g, m, s) in enumerate(zip(grads, m2s, scales)):
         residual = None if residual_unscaled is None else residual_unscaled * s
-        acc = comp.accumulate(0, g * s, residual)
+        acc = comp.accumulate(g * s, residual, SelectContext(step=0, key=0))
         payload = comp.compress(acc, SelectContext(step=step, key=0, second_moment=m * s * s,
                                                    extra={"loss_scale": s}))
         residual_unscaled = (acc - payload.to_dense(acc.dtype)) / s

@@ -1,18 +1,33 @@
-"""Sparse allgather: every rank receives every other rank's encoded payload and scatter-adds it.
+"""Sparse allgather: every rank receives every other rank's payload and scatter-adds it, in rank order.
 
-Counts differ per rank (threshold and variance selection send a variable number of entries, zero included),
-and gloo's allgather needs equal sizes, so a small header ``[payload bytes, flag]`` is allgathered first and
-the payloads are padded to the largest. Every rank issues the same two collectives whatever its count, so an
-empty rank never hangs. The flag lets a rank announce a non-finite gradient to all others in the same header.
+Two transports of the same algorithm:
+
+* :class:`Allgather` (:meth:`~Allgather.reduce`, synchronous): counts differ per rank (threshold and variance
+  selection send a variable number of entries, zero included) and gloo's allgather needs equal sizes, so a
+  16-byte header ``[payload bytes, flag]`` is allgathered first and the payloads are padded to the largest.
+  Every rank issues the same two collectives whatever its count, so an empty rank never hangs; the flag
+  announces a non-finite gradient to every rank in the same header.
+* :func:`launch_fixed` (asynchronous): when every rank's count is bounded by the configuration (top-k, DGC,
+  mask-aware selection), payloads are padded to that bound, so one allgather of equal sizes needs no header and
+  no host synchronisation; it returns a future whose callback decodes and sums (local work only). Padding
+  entries carry ``-0.0`` at position 0, which adds nothing to any value; a rank whose gradient is not finite
+  sends NaN values, which makes the sum non-finite on every rank.
+
+Payloads use :mod:`sparsedist.collectives.wire` (int32 index + value, or Strom's packed 4-byte words).
+Cost, per rank: a header allgather ``(P-1)*16`` bytes, then ``(P-1) * k_max * s`` bytes (``2(P-1)`` alphas), a
+scatter-add of the ``P*k`` received entries into a zeroed ``n``-vector.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..payload import accumulator_dtype, all_finite
 from .backend import Backend
+from .base import Collective, CostSheet, CostTerms, Reduced
+from .wire import decode, encode
 
-__all__ = ["sparse_allgather", "scatter_add"]
+__all__ = ["Allgather", "sparse_allgather", "scatter_add", "launch_fixed"]
 
 
 def sparse_allgather(backend: Backend, payload: torch.Tensor, flag: int = 0) -> tuple[list[torch.Tensor], list[int]]:
@@ -46,3 +61,71 @@ def scatter_add(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) 
     if indices.numel():
         out.index_add_(0, indices.to(out.device, torch.int64), values.to(out.device, out.dtype))
     return out
+
+
+class Allgather(Collective):
+    """Every rank's entries to every rank, summed in rank order (the exact sum; bytes grow as ``(P-1) k``)."""
+
+    name = "allgather"
+
+    def reduce(self, indices: torch.Tensor, values: torch.Tensor, numel: int, backend: Backend, *,
+               finite: bool = True, constant: float | None = None, dtype: torch.dtype | None = None,
+               wire_dtype: torch.dtype | None = None, **kw) -> Reduced:
+        """See :meth:`Collective.reduce`; ``constant``: every value is +/-constant (Strom's packed words);
+        ``dtype``: the dtype of the sum (default: fp32 for half values, else the values' own); ``wire_dtype``:
+        the dtype values travel in (default: theirs; they are cast once, while encoding)."""
+        wire_dtype = wire_dtype or values.dtype
+        out = torch.zeros(numel, dtype=dtype or accumulator_dtype(wire_dtype), device=values.device)
+        payload = encode(indices, values, wire_dtype, constant) if finite else \
+            torch.empty(0, dtype=torch.uint8, device=values.device)
+        received, flags = sparse_allgather(backend, payload, 0 if finite else 1)
+        ok = not any(flags)
+        if ok:
+            for buf in received:  # rank order: every sum has the same order on every rank
+                scatter_add(out, *decode(buf, wire_dtype, constant))
+        entry = 4 if constant is not None else 4 + torch.empty(0, dtype=wire_dtype).element_size()
+        return Reduced(out, ok, max_count=max(b.numel() for b in received) // entry)
+
+    @staticmethod
+    def cost(c: CostTerms, sheet: CostSheet) -> None:
+        sheet.step(c.P - 1, (c.P - 1) * 16, "allgather")
+        if c.k_max > 0:
+            sheet.step(c.P - 1, (c.P - 1) * c.k_max * c.s, "allgather")
+        sheet.sparse += c.P * c.k
+        sheet.dense += c.n
+
+
+def launch_fixed(backend: Backend, indices: torch.Tensor, values: torch.Tensor, numel: int, count: int,
+                 finite: bool | torch.Tensor, dtype: torch.dtype) -> torch.futures.Future:
+    """Start the fixed-size allgather of this rank's entries; a future of the :class:`Reduced` sum.
+
+    Args:
+        backend: a backend with asynchronous primitives (``backend.supports_async``).
+        indices: ``(m,)`` int64 bucket positions, ``m <= count``.
+        values: ``(m,)`` values in the wire dtype.
+        numel: length of the vector.
+        count: the bound every rank pads to (the same on every rank; from the configuration).
+        finite: whether this rank's gradient is finite: a bool, or a 0-d bool tensor (no host synchronisation).
+        dtype: dtype of the sum.
+    """
+    pad = count - indices.numel()
+    if pad < 0:
+        raise RuntimeError(f"sparsedist: {indices.numel()} entries selected where at most {count} were configured")
+    if pad:
+        indices = torch.cat([indices, indices.new_zeros(pad)])
+        values = torch.cat([values, values.new_full((pad,), -0.0)])
+    if finite is False:
+        values = torch.full_like(values, float("nan"))
+    elif finite is not True:
+        values = torch.where(finite, values, values.new_tensor(float("nan")))
+    wire_dtype = values.dtype
+
+    def total(fut: torch.futures.Future) -> Reduced:
+        rows = fut.value()
+        out = torch.zeros(numel, dtype=dtype, device=values.device)
+        for r in range(rows.shape[0]):
+            scatter_add(out, *decode(rows[r], wire_dtype))
+        return Reduced(out, all_finite(out), max_count=count)
+
+    return backend.allgather_async(encode(indices, values, wire_dtype)).then(total)
+

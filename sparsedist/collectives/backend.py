@@ -10,16 +10,32 @@ the algorithm the primitive is implemented with (ring allreduce: ``2(P-1)/P * n 
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Backend", "TorchBackend", "ring_allreduce_bytes"]
+__all__ = ["Backend", "TorchBackend", "ring_allreduce_bytes", "completed_future", "check_timeout"]
 
 # torch >= 2.13 renamed all_gather_into_tensor to all_gather_single; keep working on torch 2.3+.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def check_timeout(timeout: Any, name: str = "timeout", *, allow_none: bool = True) -> float | None:
+    """Seconds from a number or a ``timedelta``; raises ``ValueError`` naming ``name`` unless finite and > 0.
+
+    The one check of every timeout in sparsedist (hook, backends, launch helpers). ``None`` passes through when
+    ``allow_none`` (no bound: the process group's own timeout applies).
+    """
+    if timeout is None and allow_none:
+        return None
+    value = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a number of seconds > 0 (or a timedelta){' or None' if allow_none else ''}"
+                         f", got {timeout!r}")
+    return float(value)
 
 
 def ring_allreduce_bytes(numel: int, element_size: int, world_size: int) -> int:
@@ -37,6 +53,8 @@ class Backend:
 
     rank: int
     size: int
+    #: True if :meth:`allreduce_async` and :meth:`allgather_async` are available (the hook then overlaps)
+    supports_async: bool = False
 
     def __init__(self) -> None:
         self.bytes_sent = 0
@@ -60,6 +78,24 @@ class Backend:
         self.bytes_sent += n
         self.bytes_received += n
         return self._allgather(tensor)
+
+    def allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        """Start summing ``tensor`` over all ranks, in place; a future of ``tensor``. Needs ``supports_async``."""
+        if self.size > 1:
+            n = ring_allreduce_bytes(tensor.numel(), tensor.element_size(), self.size)
+            self.bytes_sent += n
+            self.bytes_received += n
+            return self._allreduce_async(tensor)
+        return completed_future(tensor)
+
+    def allgather_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        """Start gathering equal-size tensors; a future of shape ``(size, numel)``. Needs ``supports_async``."""
+        if self.size > 1:
+            n = tensor.numel() * tensor.element_size() * (self.size - 1)
+            self.bytes_sent += n
+            self.bytes_received += n
+            return self._allgather_async(tensor)
+        return completed_future(tensor.reshape(1, -1).clone())
 
     def allgather_v(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Gather tensors whose lengths differ per rank (zero included); returns one tensor per rank.
@@ -88,6 +124,12 @@ class Backend:
 
     def alltoall_v(self, chunks: Sequence[torch.Tensor], recv_counts: Sequence[int]) -> list[torch.Tensor]:
         """Send ``chunks[r]`` to rank r; receive ``recv_counts[r]`` elements from rank r. Same dtype throughout."""
+        if len(chunks) != self.size or len(recv_counts) != self.size:
+            raise ValueError(f"alltoall_v needs one chunk and one receive count per rank ({self.size}), got "
+                             f"{len(chunks)} chunks and {len(recv_counts)} counts")
+        dtypes = {c.dtype for c in chunks}
+        if len(dtypes) != 1:
+            raise TypeError(f"alltoall_v: every chunk must have the same dtype, got {sorted(map(str, dtypes))}")
         es = chunks[0].element_size() if chunks else 1
         self.bytes_sent += es * sum(c.numel() for r, c in enumerate(chunks) if r != self.rank)
         self.bytes_received += es * sum(n for r, n in enumerate(recv_counts) if r != self.rank)
@@ -119,6 +161,20 @@ class Backend:
     def _barrier(self) -> None:
         raise NotImplementedError
 
+    def _allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        raise NotImplementedError(f"{type(self).__name__} has no asynchronous collectives (supports_async=False)")
+
+    def _allgather_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        raise NotImplementedError(f"{type(self).__name__} has no asynchronous collectives (supports_async=False)")
+
+
+def completed_future(value: torch.Tensor) -> torch.futures.Future:
+    """A future that already holds ``value`` (on CUDA, one that knows ``value``'s device, as DDP requires)."""
+    fut: torch.futures.Future = (torch.futures.Future(devices=[value.device]) if value.device.type == "cuda"
+                                 else torch.futures.Future())
+    fut.set_result(value)
+    return fut
+
 
 class TorchBackend(Backend):
     """A :class:`Backend` over a ``torch.distributed`` process group (gloo, NCCL, ...).
@@ -139,9 +195,13 @@ class TorchBackend(Backend):
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
-        if isinstance(timeout, (int, float)):
-            timeout = timedelta(seconds=float(timeout))
-        self.timeout = timeout
+        seconds = check_timeout(timeout)
+        self.timeout = None if seconds is None else timedelta(seconds=seconds)
+
+    @property
+    def supports_async(self) -> bool:
+        """Asynchronous collectives are used only without a timeout (a future's wait cannot be bounded here)."""
+        return self.timeout is None
 
     def __getstate__(self):  # process groups do not pickle
         state = self.__dict__.copy()
@@ -202,3 +262,12 @@ class TorchBackend(Backend):
 
     def _barrier(self) -> None:
         self._wait(dist.barrier(group=self.group, async_op=True), "barrier")
+
+    def _allreduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        return work.get_future().then(lambda f: f.value()[0])
+
+    def _allgather_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        out = tensor.new_empty(self.size * tensor.numel())
+        work = _all_gather_single(out, tensor.contiguous(), group=self.group, async_op=True)
+        return work.get_future().then(lambda f: out.view(self.size, -1))

@@ -62,39 +62,22 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import Backend, TorchBackend
-from .sparcml import HEADER_BYTES, _Block, _Codec, _split_reduce, allgatherv_bytes, balanced_bounds, coalesce, \
-    default_dense_threshold
-from .sparse_allreduce import check_sparse_input
+from ..payload import accumulator_dtype, all_finite
+from .backend import Backend, TorchBackend, ring_allreduce_bytes
+from .allgather import scatter_add
+from .base import Collective, CostSheet, CostTerms, Reduced, check_sparse_input
+from .kselect import COUNT_BYTES, ESTIMATE_HEAD_BYTES, SPLIT_POINTS, allgatherv_entries, exact_top_k, \
+    gather_counts, magnitude
+from .sparcml import split_phase_cost
+from .streams import Codec, balanced_bounds, coalesce, default_dense_threshold, split_reduce
 
-__all__ = ["GlobalTopK", "GlobalTopKResult"]
+__all__ = ["GlobalTopK", "GlobalTopKResult", "GlobalTopKSum"]
 
 # threshold multipliers 2**(j/5) tried on a reuse call: 0.5x .. 4x in steps of 15 %
 _GRID = tuple(range(-5, 11))
 #: bytes per rank of the count allgather on a reuse call (int32: the grid's counts, the split load, k)
 COUNT_HEADER_BYTES = 4 * (len(_GRID) + 2)
-#: points per round of the estimation's distributed selection, and the most rounds it takes
-_SPLIT_POINTS = 15
-_MAX_ROUNDS = 64
 
-
-def _split_points(lo: float, hi: float) -> list[float]:
-    """Up to ``_SPLIT_POINTS`` float64 points strictly inside ``(lo, hi)``, ascending: geometric when ``lo > 0``,
-    else ``hi * 16**-j`` (the bracket's floor is 0 until a count says otherwise). Empty only when no float64 lies
-    strictly between ``lo`` and ``hi``: every magnitude in ``[lo, hi)`` is then exactly ``lo``."""
-    if lo > 0:
-        pts = [lo * (hi / lo) ** (i / (_SPLIT_POINTS + 1)) for i in range(1, _SPLIT_POINTS + 1)]
-    else:
-        pts = [hi * 16.0 ** -(_SPLIT_POINTS + 1 - i) for i in range(1, _SPLIT_POINTS + 1)]
-    pts = sorted({p for p in pts if lo < p < hi})
-    if not pts and math.nextafter(lo, math.inf) < hi:  # a bracket a few ulps wide: split off lo itself
-        pts = [math.nextafter(lo, math.inf)]
-    return pts
-
-
-def _magnitude(val: torch.Tensor) -> torch.Tensor:
-    """``|val|`` in a dtype that sorts exactly (fp32 for half types, the values' own dtype otherwise)."""
-    return val.abs().float() if val.dtype in (torch.float16, torch.bfloat16) else val.abs()
 
 
 @dataclass
@@ -223,7 +206,7 @@ class GlobalTopK:
             backend = TorchBackend(group)
         sent0, recv0 = backend.bytes_sent, backend.bytes_received
         idx, val, inverse = coalesce(indices, values)
-        codec = _Codec(numel, values.dtype, values.device)
+        codec = Codec(numel, values.dtype, values.device)
         size = backend.size
         if self._numel != numel or self._world != size:
             self.reset()
@@ -239,7 +222,7 @@ class GlobalTopK:
                 self._rebalance = False
             delta = default_dense_threshold(codec.bv, codec.bi) if self.dense_threshold is None \
                 else float(self.dense_threshold)
-            start, _, sums, touched, load = _split_reduce(backend, codec, idx, val, self.bounds, delta)
+            start, _, sums, touched, load = split_reduce(backend, codec, idx, val, self.bounds, delta)
             rel = touched.nonzero().view(-1)
             own_idx, own_val = rel + start, sums[rel].to(codec.dtype)
             exact = self.threshold is None or self.step % self.threshold_interval == 0
@@ -252,7 +235,7 @@ class GlobalTopK:
                 grid = torch.tensor([self.threshold * 2.0 ** (j / 5) for j in _GRID], dtype=torch.float64,
                                     device=mags.device)
                 mine = mags.numel() - torch.searchsorted(mags, grid)
-                totals = self._gather_counts(backend, mine.tolist() + [load], k, codec)
+                totals = gather_counts(backend, mine.tolist() + [load], k, codec)
                 self._watch_load(totals)
                 totals = [c[:-1] for c in totals]
                 fits = [j for j in range(len(_GRID)) if sum(c[j] for c in totals) <= k]
@@ -262,12 +245,12 @@ class GlobalTopK:
                 else:
                     self.threshold = float(grid[fits[0]])
                     keep = own_val.abs().to(torch.float64) >= self.threshold
-                    res = self._allgatherv(backend, codec, own_idx[keep], own_val[keep],
+                    res = allgatherv_entries(backend, codec, own_idx[keep], own_val[keep],
                                            [c[fits[0]] for c in totals])
             if exact:
                 res = self._estimate(backend, codec, own_idx, own_val, k, load)
                 if sum(self._last_counts) >= k:
-                    self.threshold = float(_magnitude(res[1]).double().min())
+                    self.threshold = float(magnitude(res[1]).double().min())
                 else:
                     self.threshold = None
             res_idx, res_val = res
@@ -284,73 +267,13 @@ class GlobalTopK:
                                 backend.bytes_sent - sent0, backend.bytes_received - recv0)
 
     # ---------------------------------------------------------------------------------------------------
-    def _estimate(self, backend: Backend, codec: _Codec, own_idx: torch.Tensor, own_val: torch.Tensor, k: int,
-                  load: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact global top-k of the owners' range sums (ties to the lower index), by distributed selection.
 
-        Every owner holds the exact sums of its range (``own_idx`` ascending, ``own_val``); the k-th largest
-        magnitude ``t`` of their union is found without moving candidates: a bracket ``[lo, hi)`` with
-        ``count(|v| >= lo) >= k > count(|v| >= hi)`` is narrowed by allreducing the counts above
-        ``_SPLIT_POINTS`` points inside it (geometric spacing; 16 int64 per round), until at most
-        ``max(64, k // 16)`` entries lie inside. Those are allgathered (index and value) and every rank picks the
-        same ``k - count(>= hi)`` largest of them; if the bracket cannot be split further (a tie of magnitudes),
-        ranks take their tied entries in rank order, which is index order. The kept entries then travel in one
-        ring allgatherv, as on a reuse call. Volume: about ``k (P-1)/P`` entries plus ``O(rounds)`` counts, where
-        gathering every owner's top ``min(k, m_j)`` candidates would move up to ``(P-1) k`` entries per rank.
-        """
-        mags = _magnitude(own_val).to(torch.float64)
-        m = int(mags.numel())
-        head = torch.tensor([m, float(mags.max()) if m else 0.0, load, k], dtype=torch.float64, device=mags.device)
-        rows = backend.allgather(head).view(-1, 4).tolist()
-        if len({int(r[3]) for r in rows}) != 1:
-            raise ValueError(f"GlobalTopK: ranks passed different k ({sorted({int(r[3]) for r in rows})}); "
-                             "k must be the same everywhere")
-        self._watch_load([[int(r[2])] for r in rows])
-        total = sum(int(r[0]) for r in rows)
-        if total <= k:  # everything survives
-            keep = torch.ones(m, dtype=torch.bool, device=mags.device)
-        else:
-            ordered = mags.sort().values
-            lo, hi = 0.0, math.nextafter(max(r[1] for r in rows), math.inf)
-            c_lo, c_hi = total, 0
-            cap = max(64, k // 16)
-            splittable = True
-            for _ in range(_MAX_ROUNDS):
-                if c_lo - c_hi <= cap:
-                    break
-                points = _split_points(lo, hi)
-                if not points:
-                    splittable = False
-                    break
-                grid = torch.tensor(points, dtype=torch.float64, device=mags.device)
-                mine = (m - torch.searchsorted(ordered, grid)).to(torch.int64)
-                counts = backend.allreduce(mine).tolist()
-                j = sum(1 for c in counts if c >= k)  # counts fall with the point
-                if j:
-                    lo, c_lo = points[j - 1], int(counts[j - 1])
-                if j < len(points):
-                    hi, c_hi = points[j], int(counts[j])
-            above = mags >= hi
-            inside = (mags >= lo) & ~above
-            need = k - c_hi  # entries to take from inside the bracket, 1 <= need <= c_lo - c_hi
-            where = inside.nonzero().view(-1)
-            if splittable:
-                counts = [c[0] for c in self._gather_counts(backend, [int(where.numel())], k, codec)]
-                cidx, cval = self._allgatherv(backend, codec, own_idx[where], own_val[where], counts)
-                pick = torch.sort(_magnitude(cval), descending=True, stable=True).indices[:need]
-                chosen = torch.zeros(codec.numel, dtype=torch.bool, device=mags.device)
-                chosen[cidx[pick]] = True
-                take = chosen[own_idx[where]]
-            else:  # every entry inside has magnitude lo: the lower indices first, i.e. the lower ranks first
-                counts = [c[0] for c in self._gather_counts(backend, [int(where.numel())], k, codec)]
-                before = sum(counts[:backend.rank])
-                n_take = min(int(where.numel()), max(0, need - before))
-                take = torch.arange(where.numel(), device=mags.device) < n_take
-            keep = above
-            keep[where[take]] = True
-        kept = self._gather_counts(backend, [int(keep.sum())], k, codec)
-        self._last_counts = [c[0] for c in kept]
-        return self._allgatherv(backend, codec, own_idx[keep], own_val[keep], self._last_counts)
+    def _estimate(self, backend: Backend, codec: Codec, own_idx: torch.Tensor, own_val: torch.Tensor, k: int,
+                  load: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact global top-k (:func:`~sparsedist.collectives.kselect.exact_top_k`); notes the counts and loads."""
+        idx, val, self._last_counts, loads = exact_top_k(backend, codec, own_idx, own_val, k, load)
+        self._watch_load([[x] for x in loads])
+        return idx, val
 
     # ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -358,7 +281,7 @@ class GlobalTopK:
         """The ``k`` largest ``|val|`` (ties to the lower index, since ``idx`` is ascending), sorted by index."""
         if idx.numel() <= k:
             return idx, val
-        top = torch.sort(_magnitude(val), descending=True, stable=True).indices[:k].sort().values
+        top = torch.sort(magnitude(val), descending=True, stable=True).indices[:k].sort().values
         return idx[top], val[top]
 
     def _watch_load(self, rows: list[list[int]]) -> None:
@@ -373,25 +296,62 @@ class GlobalTopK:
         """Ok-Topk's region repartition: :func:`~sparsedist.collectives.sparcml.balanced_bounds`."""
         self.bounds = balanced_bounds(backend, idx, numel)
 
-    @staticmethod
-    def _gather_counts(backend: Backend, counts: list[int], k: int, codec: _Codec) -> list[list[int]]:
-        """Allgather ``counts + [k]`` (int32) from every rank; checks that all ranks passed the same k."""
-        head = torch.tensor(list(counts) + [k], dtype=torch.int32, device=codec.device)
-        rows = backend.allgather(head).tolist()
-        ks = {r[-1] for r in rows}
-        if len(ks) != 1:
-            raise ValueError(f"GlobalTopK: ranks passed different k ({sorted(ks)}); k must be the same everywhere")
-        return [r[:-1] for r in rows]
+class GlobalTopKSum(Collective):
+    """The hook's view of :class:`GlobalTopK`: only the ``k`` largest sums survive (``k``: the count each rank
+    selected, Ok-Topk's choice); ``kept`` says which of this rank's entries did, the rest return to the residual.
+    One instance per bucket (it reuses its threshold and ranges). A rank whose gradient is not finite sends one
+    NaN entry, so the sum is not finite on every rank.
+
+    Cost: the split phase, then on a threshold-reuse call the count allgather (``(P-1)*72`` bytes) and a ring
+    allgatherv of ``k/P`` entries per rank; one call in ``threshold_interval`` estimates instead (a 32-byte head
+    allgather, ``ceil(log16(U(P)/c))`` allreduces of 15 int64 counts, the ``c = max(64, k/16)`` entries of the
+    last bracket, then the kept ``k/P`` per rank); the range repartition every ``repartition_interval`` calls is
+    amortised too.
+    """
+
+    name = "gtopk"
+    exact = False
+    stateful = True
+
+    def __init__(self) -> None:
+        self.topk = GlobalTopK()
+
+    def reduce(self, indices: torch.Tensor, values: torch.Tensor, numel: int, backend: Backend, *,
+               finite: bool = True, k: int = 0, dtype: torch.dtype | None = None, **kw) -> Reduced:
+        if not finite:
+            indices = torch.zeros(1, dtype=torch.int64, device=values.device)
+            values = torch.full((1,), float("nan"), dtype=values.dtype, device=values.device)
+        result = self.topk(indices, values, numel, k, backend=backend)
+        out = torch.zeros(numel, dtype=dtype or accumulator_dtype(values.dtype), device=values.device)
+        scatter_add(out, result.indices, result.values)
+        return Reduced(out, all_finite(out), kept=result.kept if finite else None)
+
+    def state_dict(self) -> dict:
+        return self.topk.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.topk.load_state_dict(state)
 
     @staticmethod
-    def _allgatherv(backend: Backend, codec: _Codec, idx: torch.Tensor, val: torch.Tensor,
-                    counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ring allgatherv of sparse entries whose per-rank counts are already known to all (no padding)."""
-        buf = codec.encode(_Block(0, codec.numel, idx, val))
-        nbytes = [0 if c == 0 else HEADER_BYTES + c * (codec.bi + codec.bv) for c in counts]
-        blocks = [codec.decode(p, 0, codec.numel) for p in allgatherv_bytes(backend, buf, nbytes)]
-        blocks = [b for b in blocks if b.idx.numel()]
-        if not blocks:
-            return idx[:0], val[:0]
-        # ranges ascend with the rank, so concatenating in rank order keeps the indices sorted
-        return torch.cat([b.idx for b in blocks]), torch.cat([b.val for b in blocks])
+    def cost(c: CostTerms, sheet: CostSheet) -> None:
+        P = c.P
+        kg = float(min(c.n, c.gtopk_k))
+        split_phase_cost(c, sheet)
+        reuse, exact = CostSheet(), CostSheet()
+        reuse.step(P - 1, (P - 1) * COUNT_HEADER_BYTES, "allgather")
+        reuse.step(P - 1, (P - 1) * c.sparse_msg(kg / P), "sendrecv", P - 1)
+        reuse.sparse += kg
+        cap = max(64.0, kg / 16)
+        rounds = max(1, math.ceil(math.log(max(c.U(P), cap + 1) / cap, 16)))
+        exact.step(P - 1, (P - 1) * ESTIMATE_HEAD_BYTES, "allgather")
+        for _ in range(rounds):
+            exact.step(2 * (P - 1), ring_allreduce_bytes(SPLIT_POINTS, 8, P), "allreduce")
+        for m in (cap, kg):  # the bracket's entries, then the kept ones: counts first each time
+            exact.step(P - 1, (P - 1) * COUNT_BYTES, "allgather")
+            exact.step(P - 1, (P - 1) * c.sparse_msg(m / P), "sendrecv", P - 1)
+        exact.sparse += kg + cap
+        w = 1.0 / max(1, c.threshold_interval)
+        sheet.add(reuse, 1 - w)
+        sheet.add(exact, w)
+        wr = 1.0 / max(1, c.repartition_interval)
+        sheet.step(wr * 2 * (P - 1), wr * ring_allreduce_bytes(P, 8, P), "allreduce", wr)

@@ -17,8 +17,6 @@ Algorithms (all exact, at any world size ``P``, any count per rank, zero include
   it received, and the reduced ranges are allgathered (a ring allgatherv) as sparse (or, past the threshold,
   dense) blocks.
 * :func:`dsar_split_allgather` -- the same first phase; the second phase allgathers the reduced ranges dense.
-* :func:`sparse_allgather_sum` -- the baseline: allgather every rank's stream and scatter-add (received bytes
-  grow as ``(P-1) * k``).
 
 Every rank issues the same primitives in the same order: payload sizes are exchanged before payloads, so an
 empty rank sends zero bytes but never skips a call. All results are bitwise identical on every rank: merges
@@ -26,333 +24,23 @@ of two streams are ordered by rank, multi-way sums run in rank order, and fp16/b
 and rounded to the values' dtype after every merge (what a rank keeps is exactly what its partner received).
 
 The code talks only to a :class:`~sparsedist.collectives.backend.Backend` (``sendrecv``, ``alltoall_v``,
-``allgather``, ``allgather_v``), so a torch process group and an mpi4py communicator drive it alike.
-
-Wire format of one block (a ``uint8`` tensor): empty -> zero bytes; sparse -> int64 header ``nnz`` then ``nnz``
-indices (int32 when ``numel < 2**31``, else int64) then ``nnz`` values in the values' dtype; dense -> int64
-header ``-1`` then ``length`` values.
+``allgather``), so a torch process group and an mpi4py communicator drive it alike. The streams, their wire
+format and the reduce-scatter phase are in :mod:`sparsedist.collectives.streams`. Each algorithm's
+:class:`~sparsedist.collectives.base.Collective` states its cost beside it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .allgather import sparse_allgather
+from ..payload import accumulator_dtype, all_finite
 from .backend import Backend
+from .base import SIZE_BYTES, Collective, CostSheet, CostTerms, Reduced
+from .streams import Block, delta_for, prepare, recv_block, send_block, exchange_block, split_bounds_for, \
+    split_reduce, allgatherv_bytes
 
-__all__ = [
-    "sparse_allgather_sum",
-    "ssar_recursive_double",
-    "ssar_split_allgather",
-    "dsar_split_allgather",
-    "default_dense_threshold",
-    "uniform_bounds",
-    "balanced_bounds",
-    "allgatherv_bytes",
-    "coalesce",
-    "index_dtype_for",
-    "HEADER_BYTES",
-]
-
-HEADER_BYTES = 8
-
-
-# ---------------------------------------------------------------------------------------------------------
-# small helpers
-# ---------------------------------------------------------------------------------------------------------
-def index_dtype_for(numel: int) -> torch.dtype:
-    """Wire dtype of indices for a vector of ``numel`` elements: int32 if it fits, else int64."""
-    return torch.int32 if numel <= 2**31 - 1 else torch.int64
-
-
-def default_dense_threshold(value_bytes: int, index_bytes: int) -> float:
-    """SparCML's delta: the density above which a sparse block is larger than its dense form."""
-    return value_bytes / (value_bytes + index_bytes)
-
-
-def uniform_bounds(numel: int, parts: int) -> list[int]:
-    """``parts + 1`` boundaries cutting ``[0, numel)`` into ``parts`` contiguous ranges of near-equal length."""
-    return [(j * numel) // parts for j in range(parts + 1)]
-
-
-def balanced_bounds(backend: Backend, indices: torch.Tensor, numel: int) -> list[int]:
-    """Ranges cut where the ranks' entries are, so that each range holds about the same number of entries.
-
-    Ok-Topk's region repartition (Li & Hoefler 2022): each rank takes the ``P - 1`` split points that cut its own
-    sorted indices into ``P`` equal-count pieces; the split points are averaged over the ranks that have at least
-    ``P`` entries (one allreduce of ``P`` float64). A collective call.
-
-    Args:
-        backend: the communicator.
-        indices: this rank's ``(nnz,)`` positions, **sorted ascending** (e.g. from :func:`coalesce`).
-        numel: length of the vector.
-
-    Returns:
-        ``P + 1`` non-decreasing boundaries from 0 to ``numel`` (uniform if no rank has ``P`` entries),
-        identical on every rank.
-    """
-    size = backend.size
-    vec = torch.zeros(size, dtype=torch.float64, device=indices.device)
-    m = indices.numel()
-    if m >= size:
-        pos = (torch.arange(1, size, device=indices.device) * m) // size
-        vec[: size - 1] = indices[pos].to(torch.float64)
-        vec[size - 1] = 1.0
-    if size > 1:
-        backend.allreduce(vec)
-    contributors = float(vec[size - 1])
-    if contributors <= 0:
-        return uniform_bounds(numel, size)
-    inner = torch.floor(vec[: size - 1] / contributors).to(torch.int64).clamp_(0, numel)
-    return [0] + torch.cummax(inner, 0).values.tolist() + [numel]
-
-
-def _check_bounds(bounds, numel: int, size: int) -> list[int]:
-    b = [int(x) for x in bounds]
-    if len(b) != size + 1 or b[0] != 0 or b[-1] != numel or any(b[j] > b[j + 1] for j in range(size)):
-        raise ValueError(f"split bounds must be {size + 1} non-decreasing integers from 0 to numel={numel}, "
-                         f"got {list(bounds)[:8]}{'...' if len(b) > 8 else ''}")
-    return b
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def coalesce(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Sort indices and sum duplicates.
-
-    Args:
-        indices: ``(nnz,)`` integer tensor.
-        values: ``(nnz,)`` floating tensor.
-
-    Returns:
-        ``(idx, val, inverse)``: ``idx`` int64 sorted and unique, ``val`` in ``values.dtype`` (duplicates summed
-        in fp32 for half types), and ``inverse`` (``(nnz,)`` int64, ``idx[inverse[i]] == indices[i]``) or
-        ``None`` when the input was already sorted and unique (then ``inverse`` is the identity).
-    """
-    idx = indices.to(torch.int64).contiguous()
-    values = values.contiguous()
-    if idx.numel() <= 1 or bool((idx[1:] > idx[:-1]).all()):
-        return idx, values, None
-    uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-    if uniq.numel() == idx.numel():
-        val = values.new_empty(uniq.numel())
-        val[inverse] = values
-    else:
-        acc = _acc_dtype(values.dtype)
-        val = torch.zeros(uniq.numel(), dtype=acc, device=values.device)
-        val.index_add_(0, inverse, values.to(acc))
-        val = val.to(values.dtype)
-    return uniq, val, inverse
-
-
-class _Block:
-    """A piece ``[start, start + length)`` of the vector, stored sparse (``idx`` absolute int64 sorted unique,
-    ``val``) or dense (``dense``, ``(length,)``)."""
-
-    __slots__ = ("start", "length", "idx", "val", "dense")
-
-    def __init__(self, start: int, length: int, idx=None, val=None, dense=None):
-        self.start, self.length, self.idx, self.val, self.dense = start, length, idx, val, dense
-
-    @property
-    def nnz(self) -> int:
-        return self.length if self.dense is not None else int(self.idx.numel())
-
-    def densify_if(self, threshold: float) -> "_Block":
-        """Switch to dense when ``nnz > threshold * length``."""
-        if self.dense is None and self.idx.numel() and self.idx.numel() > threshold * self.length:
-            dense = self.val.new_zeros(self.length)
-            dense[self.idx - self.start] = self.val
-            return _Block(self.start, self.length, dense=dense)
-        return self
-
-    def write_into(self, out: torch.Tensor) -> None:
-        """Write (not add) this block into the full-length vector ``out``."""
-        if self.dense is not None:
-            out[self.start: self.start + self.length] = self.dense.to(out.dtype)
-        elif self.idx.numel():
-            out[self.idx] = self.val.to(out.dtype)
-
-
-def _view(buf: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
-    """``buf[lo:hi]`` (uint8) reinterpreted as ``dtype``; copies when the slice is misaligned."""
-    seg = buf[lo:hi]
-    if seg.storage_offset() % 8:
-        seg = seg.clone()
-    return seg.view(dtype)
-
-
-class _Codec:
-    """Encodes blocks of one vector (``numel`` elements of ``dtype``) as uint8 messages, and decodes them."""
-
-    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
-        self.numel, self.dtype, self.device = numel, dtype, device
-        self.idtype = index_dtype_for(numel)
-        self.bi = torch.empty(0, dtype=self.idtype).element_size()
-        self.bv = torch.empty(0, dtype=dtype).element_size()
-        self.acc = _acc_dtype(dtype)
-
-    def empty_block(self, start: int, length: int) -> _Block:
-        return _Block(start, length, torch.empty(0, dtype=torch.int64, device=self.device),
-                      torch.empty(0, dtype=self.dtype, device=self.device))
-
-    def encode(self, block: _Block) -> torch.Tensor:
-        if block.dense is not None:
-            head = torch.tensor([-1], dtype=torch.int64, device=self.device)
-            return torch.cat([head.view(torch.uint8), block.dense.to(self.dtype).contiguous().view(torch.uint8)])
-        m = int(block.idx.numel())
-        if m == 0:
-            return torch.empty(0, dtype=torch.uint8, device=self.device)
-        head = torch.tensor([m], dtype=torch.int64, device=self.device)
-        return torch.cat([head.view(torch.uint8), block.idx.to(self.idtype).contiguous().view(torch.uint8),
-                          block.val.to(self.dtype).contiguous().view(torch.uint8)])
-
-    def decode(self, buf: torch.Tensor, start: int, length: int) -> _Block:
-        if buf.numel() == 0:
-            return self.empty_block(start, length)
-        head = int(_view(buf, 0, HEADER_BYTES, torch.int64)[0])
-        if head < 0:
-            expect = HEADER_BYTES + length * self.bv
-            if buf.numel() != expect:
-                raise RuntimeError(f"sparsedist: corrupt dense block: {buf.numel()} bytes, expected {expect} "
-                                   f"(do all ranks pass the same numel?)")
-            return _Block(start, length, dense=_view(buf, HEADER_BYTES, expect, self.dtype))
-        end_i = HEADER_BYTES + head * self.bi
-        expect = end_i + head * self.bv
-        if buf.numel() != expect:
-            raise RuntimeError(f"sparsedist: corrupt sparse block: {buf.numel()} bytes for {head} entries, "
-                               f"expected {expect} (do all ranks pass the same numel and dtype?)")
-        idx = _view(buf, HEADER_BYTES, end_i, self.idtype).to(torch.int64)
-        val = _view(buf, end_i, expect, self.dtype)
-        return _Block(start, length, idx, val)
-
-    def merge(self, lo: _Block, hi: _Block) -> _Block:
-        """Sum of two blocks over the same range; ``lo`` comes from the lower rank (fixes the order)."""
-        if lo.dense is None and hi.dense is None:
-            if hi.idx.numel() == 0:
-                return lo
-            if lo.idx.numel() == 0:
-                return hi
-            idx = torch.cat([lo.idx, hi.idx])
-            val = torch.cat([lo.val, hi.val]).to(self.acc)
-            uniq, inv = torch.unique(idx, sorted=True, return_inverse=True)
-            out = torch.zeros(uniq.numel(), dtype=self.acc, device=self.device).index_add_(0, inv, val)
-            return _Block(lo.start, lo.length, uniq, out.to(self.dtype))
-        if lo.dense is not None:
-            acc = lo.dense.to(self.acc, copy=True)
-            other = hi
-        else:
-            acc = hi.dense.to(self.acc, copy=True)
-            other = lo
-        if other.dense is not None:
-            acc += other.dense.to(self.acc)
-        elif other.idx.numel():
-            acc.index_add_(0, other.idx - lo.start, other.val.to(self.acc))
-        return _Block(lo.start, lo.length, dense=acc.to(self.dtype))
-
-
-def _threshold(dense_threshold: float | None, codec: _Codec) -> float:
-    if dense_threshold is None:
-        return default_dense_threshold(codec.bv, codec.bi)
-    return float(dense_threshold)
-
-
-def _prepare(indices, values, numel):
-    idx, val, _ = coalesce(indices, values)
-    return _Codec(numel, values.dtype, values.device), idx, val
-
-
-# ---------------------------------------------------------------------------------------------------------
-# point-to-point with sizes exchanged first
-# ---------------------------------------------------------------------------------------------------------
-def _size_tensor(n: int, device) -> torch.Tensor:
-    return torch.tensor([n], dtype=torch.int64, device=device)
-
-
-def _exchange(backend: Backend, codec: _Codec, block: _Block, partner: int) -> _Block:
-    buf = codec.encode(block)
-    rsize = torch.empty(1, dtype=torch.int64, device=codec.device)
-    backend.sendrecv(_size_tensor(buf.numel(), codec.device), partner, rsize, partner)
-    rbuf = torch.empty(int(rsize[0]), dtype=torch.uint8, device=codec.device)
-    backend.sendrecv(buf, partner, rbuf, partner)
-    return codec.decode(rbuf, block.start, block.length)
-
-
-def _send(backend: Backend, codec: _Codec, block: _Block, dst: int) -> None:
-    buf = codec.encode(block)
-    none64 = torch.empty(0, dtype=torch.int64, device=codec.device)
-    backend.sendrecv(_size_tensor(buf.numel(), codec.device), dst, none64, dst)
-    backend.sendrecv(buf, dst, torch.empty(0, dtype=torch.uint8, device=codec.device), dst)
-
-
-def _recv(backend: Backend, codec: _Codec, src: int, start: int, length: int) -> _Block:
-    rsize = torch.empty(1, dtype=torch.int64, device=codec.device)
-    backend.sendrecv(torch.empty(0, dtype=torch.int64, device=codec.device), src, rsize, src)
-    rbuf = torch.empty(int(rsize[0]), dtype=torch.uint8, device=codec.device)
-    backend.sendrecv(torch.empty(0, dtype=torch.uint8, device=codec.device), src, rbuf, src)
-    return codec.decode(rbuf, start, length)
-
-
-def allgatherv_bytes(backend: Backend, buf: torch.Tensor, counts: list[int] | None = None) -> list[torch.Tensor]:
-    """Allgather one uint8 buffer per rank, lengths differing (zero included), without padding.
-
-    A ring allgatherv: the lengths are allgathered first (8 bytes per rank) unless ``counts`` (every rank's
-    length, known to all) is given; then in ``P - 1`` steps every rank passes the block it received last to its
-    right neighbour. Each rank receives exactly the others' bytes and sends at most the total, however unequal
-    the blocks are (a padded allgather would move ``(P-1) * max`` bytes, a direct send ``(P-1) * own``).
-
-    Returns:
-        Rank ``j``'s buffer at index ``j``.
-    """
-    size, rank = backend.size, backend.rank
-    if size == 1:
-        return [buf]
-    if counts is None:
-        counts = backend.allgather(_size_tensor(buf.numel(), buf.device)).view(-1).tolist()
-    parts: list = [None] * size
-    parts[rank] = buf
-    if sum(counts) == 0:
-        return [buf.new_empty(0) for _ in counts]
-    right, left = (rank + 1) % size, (rank - 1) % size
-    for step in range(size - 1):
-        send_j, recv_j = (rank - step) % size, (rank - step - 1) % size
-        rbuf = buf.new_empty(int(counts[recv_j]))
-        backend.sendrecv(parts[send_j], right, rbuf, left)
-        parts[recv_j] = rbuf
-    return parts
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the algorithms
-# ---------------------------------------------------------------------------------------------------------
-def sparse_allgather_sum(backend: Backend, indices: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
-    """Baseline: allgather every rank's sparse stream, scatter-add them in rank order.
-
-    Uses :func:`sparsedist.collectives.allgather.sparse_allgather` (a 16-byte header allgather, then the
-    payloads padded to the largest), the same transport as the hook's allgather path.
-
-    Args:
-        backend: the communicator.
-        indices: ``(nnz,)`` integer positions in ``[0, numel)`` (any order; duplicates are summed).
-        values: ``(nnz,)`` floating values.
-        numel: length of the vector (the same on every rank).
-
-    Returns:
-        ``(numel,)`` tensor in ``values.dtype``: the sum over ranks.
-    """
-    codec, idx, val = _prepare(indices, values, numel)
-    if numel == 0:
-        return values.new_zeros(0)
-    payload = codec.encode(_Block(0, numel, idx, val))
-    parts, _ = sparse_allgather(backend, payload)
-    out = torch.zeros(numel, dtype=codec.acc, device=codec.device)
-    for buf in parts:  # rank order; each rank's indices are unique, so every sum has a fixed order
-        blk = codec.decode(buf, 0, numel)
-        if blk.idx.numel():
-            out.index_add_(0, blk.idx, blk.val.to(codec.acc))
-    return out.to(codec.dtype)
+__all__ = ["ssar_recursive_double", "ssar_split_allgather", "dsar_split_allgather", "SSARRecursiveDouble",
+           "SSARSplitAllgather", "DSARSplitAllgather"]
 
 
 def ssar_recursive_double(backend: Backend, indices: torch.Tensor, values: torch.Tensor, numel: int,
@@ -370,87 +58,33 @@ def ssar_recursive_double(backend: Backend, indices: torch.Tensor, values: torch
     Returns:
         ``(numel,)`` tensor in ``values.dtype``: the sum over ranks, identical on every rank.
     """
-    codec, idx, val = _prepare(indices, values, numel)
+    codec, idx, val = prepare(indices, values, numel)
     if numel == 0:
         return values.new_zeros(0)
-    delta = _threshold(dense_threshold, codec)
-    block = _Block(0, numel, idx, val).densify_if(delta)
+    delta = delta_for(dense_threshold, codec)
+    block = Block(0, numel, idx, val).densify_if(delta)
     size, rank = backend.size, backend.rank
     if size > 1:
         p2 = 1 << (size.bit_length() - 1)
         extra = size - p2
         if rank >= p2:  # fold in first, out last
-            _send(backend, codec, block, rank - p2)
-            block = _recv(backend, codec, rank - p2, 0, numel)
+            send_block(backend, codec, block, rank - p2)
+            block = recv_block(backend, codec, rank - p2, 0, numel)
         else:
             if rank < extra:
-                block = codec.merge(block, _recv(backend, codec, rank + p2, 0, numel)).densify_if(delta)
+                block = codec.merge(block, recv_block(backend, codec, rank + p2, 0, numel)).densify_if(delta)
             mask = 1
             while mask < p2:
                 partner = rank ^ mask
-                other = _exchange(backend, codec, block, partner)
+                other = exchange_block(backend, codec, block, partner)
                 block = codec.merge(block, other) if rank < partner else codec.merge(other, block)
                 block = block.densify_if(delta)
                 mask <<= 1
             if rank < extra:
-                _send(backend, codec, block, rank + p2)
+                send_block(backend, codec, block, rank + p2)
     out = torch.zeros(numel, dtype=codec.dtype, device=codec.device)
     block.write_into(out)
     return out
-
-
-def _split_reduce(backend: Backend, codec: _Codec, idx: torch.Tensor, val: torch.Tensor, bounds: list[int],
-                  delta: float) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """Phase 1 of the split algorithms (a sparse reduce-scatter).
-
-    Sends the part of the (sorted) stream in range ``[bounds[j], bounds[j+1])`` to rank ``j`` (as a sparse block,
-    or dense past ``delta``); the owner sums what it receives in rank order.
-
-    Returns:
-        ``(start, length, sums, touched, received)`` for this rank's range: ``sums`` ``(length,)`` in the
-        accumulation dtype (fp32 for half types), ``touched`` ``(length,)`` bool, the union of the received
-        supports, and ``received`` the number of entries it received (its own included; a dense block counts
-        its length).
-    """
-    size, rank, dev = backend.size, backend.rank, codec.device
-    if size > 1:
-        cuts = [0] + torch.searchsorted(idx, torch.tensor(bounds[1:-1], dtype=torch.int64, device=dev)).tolist()
-    else:
-        cuts = [0]
-    cuts.append(int(idx.numel()))
-    bufs = []
-    for j in range(size):
-        lo, hi = cuts[j], cuts[j + 1]
-        blk = _Block(bounds[j], bounds[j + 1] - bounds[j], idx[lo:hi], val[lo:hi]).densify_if(delta)
-        bufs.append(codec.encode(blk))
-    lengths = torch.tensor([b.numel() for b in bufs], dtype=torch.int64, device=dev)
-    rlengths = torch.cat(backend.alltoall_v(list(lengths.split(1)), [1] * size)).tolist()
-    received = backend.alltoall_v(bufs, rlengths)
-    start, length = bounds[rank], bounds[rank + 1] - bounds[rank]
-    sums = torch.zeros(length, dtype=codec.acc, device=dev)
-    touched = torch.zeros(length, dtype=torch.bool, device=dev)
-    count = 0
-    for buf in received:  # rank order
-        blk = codec.decode(buf, start, length)
-        count += blk.nnz
-        if blk.dense is not None:
-            sums += blk.dense.to(codec.acc)
-            touched.fill_(True)
-        elif blk.idx.numel():
-            rel = blk.idx - start
-            sums.index_add_(0, rel, blk.val.to(codec.acc))
-            touched[rel] = True
-    return start, length, sums, touched, count
-
-
-def _bounds(backend: Backend, idx: torch.Tensor, numel: int, split_bounds) -> list[int]:
-    if split_bounds is None:
-        return uniform_bounds(numel, backend.size)
-    if isinstance(split_bounds, str):
-        if split_bounds != "balanced":
-            raise ValueError(f"split_bounds must be None, 'balanced' or a list of P+1 ints, got {split_bounds!r}")
-        return balanced_bounds(backend, idx, numel)
-    return _check_bounds(split_bounds, numel, backend.size)
 
 
 def ssar_split_allgather(backend: Backend, indices: torch.Tensor, values: torch.Tensor, numel: int,
@@ -467,14 +101,14 @@ def ssar_split_allgather(backend: Backend, indices: torch.Tensor, values: torch.
     Returns:
         As :func:`ssar_recursive_double`.
     """
-    codec, idx, val = _prepare(indices, values, numel)
+    codec, idx, val = prepare(indices, values, numel)
     if numel == 0:
         return values.new_zeros(0)
-    delta = _threshold(dense_threshold, codec)
-    bounds = _bounds(backend, idx, numel, split_bounds)
-    start, length, sums, touched, _ = _split_reduce(backend, codec, idx, val, bounds, delta)
+    delta = delta_for(dense_threshold, codec)
+    bounds = split_bounds_for(backend, idx, numel, split_bounds)
+    start, length, sums, touched, _ = split_reduce(backend, codec, idx, val, bounds, delta)
     rel = touched.nonzero().view(-1)
-    mine = _Block(start, length, rel + start, sums[rel].to(codec.dtype)).densify_if(delta)
+    mine = Block(start, length, rel + start, sums[rel].to(codec.dtype)).densify_if(delta)
     parts = allgatherv_bytes(backend, codec.encode(mine))
     out = torch.zeros(numel, dtype=codec.dtype, device=codec.device)
     for j, buf in enumerate(parts):
@@ -491,13 +125,13 @@ def dsar_split_allgather(backend: Backend, indices: torch.Tensor, values: torch.
 
     Args and returns as :func:`ssar_split_allgather`.
     """
-    codec, idx, val = _prepare(indices, values, numel)
+    codec, idx, val = prepare(indices, values, numel)
     if numel == 0:
         return values.new_zeros(0)
-    delta = _threshold(dense_threshold, codec)
+    delta = delta_for(dense_threshold, codec)
     size = backend.size
-    bounds = _bounds(backend, idx, numel, split_bounds)
-    _, length, sums, _, _ = _split_reduce(backend, codec, idx, val, bounds, delta)
+    bounds = split_bounds_for(backend, idx, numel, split_bounds)
+    _, length, sums, _, _ = split_reduce(backend, codec, idx, val, bounds, delta)
     lengths = [bounds[j + 1] - bounds[j] for j in range(size)]
     if split_bounds is not None:
         mine = sums.to(codec.dtype).contiguous().view(torch.uint8)
@@ -509,3 +143,98 @@ def dsar_split_allgather(backend: Backend, indices: torch.Tensor, values: torch.
     row[:length] = sums.to(codec.dtype)
     rows = backend.allgather(row)
     return torch.cat([rows[j, : lengths[j]] for j in range(size)])
+
+
+class _SparCML(Collective):
+    """The hook's view of a SparCML algorithm: the exact sum, densified into the accumulation dtype. A rank whose
+    gradient is not finite sends one NaN entry, so the sum is not finite on every rank."""
+
+    algorithm = staticmethod(ssar_recursive_double)
+
+    def reduce(self, indices: torch.Tensor, values: torch.Tensor, numel: int, backend: Backend, *,
+               finite: bool = True, dtype: torch.dtype | None = None, **kw) -> Reduced:
+        if not finite:
+            indices = torch.zeros(1, dtype=torch.int64, device=values.device)
+            values = torch.full((1,), float("nan"), dtype=values.dtype, device=values.device)
+        out = torch.zeros(numel, dtype=dtype or accumulator_dtype(values.dtype), device=values.device)
+        out.add_(self.algorithm(backend, indices, values, numel))
+        return Reduced(out, all_finite(out))
+
+
+class SSARRecursiveDouble(_SparCML):
+    """SSAR_Recursive_double. Cost: ``log2 P'`` rounds of ``2`` alphas and ``8 + block(U(c_r))`` bytes,
+    ``c_r = min(P, f 2^r)`` inputs per stream (``f = 2`` when ``P`` is not a power of two: the fold-in doubles
+    the busiest streams); plus fold-in ``8 + block(k)`` and fold-out ``8 + block(U(P))`` when ``P != P'``."""
+
+    name = "ssar_recursive_double"
+    algorithm = staticmethod(ssar_recursive_double)
+
+    @staticmethod
+    def cost(c: CostTerms, sheet: CostSheet) -> None:
+        P, n = c.P, c.n
+        p2 = 1 << (P.bit_length() - 1)
+        f = 1 if p2 == P else 2
+        if p2 != P:
+            sheet.step(2, SIZE_BYTES + c.block(c.k, n), "sendrecv", 2)
+            sheet.sparse += 2 * c.k
+        r = 0
+        while (1 << r) < p2:
+            inputs = min(P, f << r)
+            m = c.U(inputs)
+            sheet.step(2, SIZE_BYTES + c.block(m, n), "sendrecv", 2)
+            if c.U(min(P, 2 * inputs)) > c.delta * n or m > c.delta * n:
+                sheet.dense += 2 * n
+            else:
+                sheet.sparse += 2 * m
+            r += 1
+        if p2 != P:
+            sheet.step(2, SIZE_BYTES + c.block(c.U(P), n), "sendrecv", 2)
+        sheet.dense += n
+
+
+def split_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
+    """The reduce-scatter both split algorithms (and the global top-k) start with: sizes, then ``block(k/P)``
+    per range (``2(P-1)`` alphas)."""
+    sheet.step(c.P - 1, (c.P - 1) * SIZE_BYTES, "alltoall")
+    sheet.step(c.P - 1, (c.P - 1) * c.block(c.k / c.P, c.n / c.P), "alltoall")
+    sheet.sparse += 2 * c.k
+    sheet.dense += c.n / c.P + c.n
+
+
+class _Split(_SparCML):
+    """A split algorithm: the reduce-scatter phase, then an allgather of the reduced ranges (its second phase)."""
+
+    @classmethod
+    def cost(cls, c: CostTerms, sheet: CostSheet) -> None:
+        split_phase_cost(c, sheet)
+        cls.second_phase_cost(c, sheet)
+
+    @staticmethod
+    def second_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
+        raise NotImplementedError
+
+
+class SSARSplitAllgather(_Split):
+    """SSAR_Split_allgather. Cost: the split phase, then the reduced ranges' sizes, ``(P-1)*8`` bytes, and a
+    ring allgatherv of ``(P-1)*block(U(P)/P)`` bytes (a range past SparCML's delta travels dense)."""
+
+    name = "ssar_split_allgather"
+    algorithm = staticmethod(ssar_split_allgather)
+
+    @staticmethod
+    def second_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
+        sheet.step(c.P - 1, (c.P - 1) * SIZE_BYTES, "allgather")
+        sheet.step(c.P - 1, (c.P - 1) * c.block(c.U(c.P) / c.P, c.n / c.P), "sendrecv", c.P - 1)
+        sheet.sparse += c.U(c.P)
+
+
+class DSARSplitAllgather(_Split):
+    """DSAR_Split_allgather. Cost: the split phase, then a dense allgather of ``(P-1) * ceil(n/P) * b_v``."""
+
+    name = "dsar_split_allgather"
+    algorithm = staticmethod(dsar_split_allgather)
+
+    @staticmethod
+    def second_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
+        sheet.step(c.P - 1, (c.P - 1) * -(-c.n // c.P) * c.b_v, "allgather")
+        sheet.dense += c.n

@@ -8,51 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from . import sparcml
+from .allgather import Allgather
 from .backend import Backend, TorchBackend
+from .base import check_sparse_input
 from .choose import EXACT_ALGORITHMS, CostModel
+from .dense import dense_sum
+from .sparcml import dsar_split_allgather, ssar_recursive_double, ssar_split_allgather
 
-__all__ = ["sparse_allreduce", "ALGORITHMS", "check_sparse_input"]
+__all__ = ["sparse_allreduce", "ALGORITHMS"]
 
-ALGORITHMS = ("allgather", "ssar_recursive_double", "ssar_split_allgather", "dsar_split_allgather", "dense", "auto")
-
-
-def check_sparse_input(indices, values, numel, *, where: str = "sparse_allreduce") -> int:
-    """Validate one rank's sparse vector; returns ``numel`` as an int. Raises ``TypeError``/``ValueError``."""
-    if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
-        raise TypeError(f"{where}: indices and values must be torch.Tensors, got {type(indices).__name__} "
-                        f"and {type(values).__name__}")
-    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
-        raise TypeError(f"{where}: indices must be an integer tensor (int32 or int64), got {indices.dtype}")
-    if not values.is_floating_point():
-        raise TypeError(f"{where}: values must be floating point (fp32, fp64, fp16, bf16), got {values.dtype}; "
-                        f"cast them with values.float()")
-    if indices.dim() != 1 or values.dim() != 1:
-        raise ValueError(f"{where}: indices and values must be 1-D, got shapes {tuple(indices.shape)} and "
-                         f"{tuple(values.shape)}; flatten them (and offset the indices) first")
-    if indices.numel() != values.numel():
-        raise ValueError(f"{where}: {indices.numel()} indices but {values.numel()} values; they must pair up")
-    if indices.device != values.device:
-        raise ValueError(f"{where}: indices are on {indices.device} but values on {values.device}; move them "
-                         f"to one device")
-    if isinstance(numel, bool) or not isinstance(numel, int):
-        try:
-            import numpy as np  # numpy integers are fine
-            ok = isinstance(numel, np.integer)
-        except ImportError:  # pragma: no cover
-            ok = False
-        if not ok:
-            raise TypeError(f"{where}: numel must be an int, got {type(numel).__name__}")
-    numel = int(numel)
-    if numel < 0:
-        raise ValueError(f"{where}: numel must be >= 0, got {numel}")
-    if indices.numel():
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= numel:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{where}: index {bad} is outside [0, numel={numel}); every index must address an "
-                             f"element of the dense vector")
-    return numel
+#: what :func:`sparse_allreduce` accepts: the exact algorithms, or ``"auto"``
+ALGORITHMS = EXACT_ALGORITHMS + ("auto",)
 
 
 def sparse_allreduce(indices: torch.Tensor, values: torch.Tensor, numel: int, algorithm: str = "auto",
@@ -76,7 +42,7 @@ def sparse_allreduce(indices: torch.Tensor, values: torch.Tensor, numel: int, al
             ``nnz > dense_threshold * length``. Default ``value_bytes / (index_bytes + value_bytes)``, where the
             sparse encoding outgrows the dense one. ``float("inf")`` never switches.
         cost_model: link parameters for ``"auto"`` (default :class:`CostModel()`; measure one with
-            :func:`sparsedist.collectives.choose.probe`). Must be the same on every rank.
+            :func:`sparsedist.collectives.probe`). Must be the same on every rank.
         split_bounds: the index ranges of the split algorithms (ignored by the others): None = equal lengths
             (SparCML), ``"balanced"`` = Ok-Topk's data-balanced ranges (one more small allreduce), or ``P + 1``
             boundaries from 0 to ``numel``, the same on every rank.
@@ -106,25 +72,13 @@ def sparse_allreduce(indices: torch.Tensor, values: torch.Tensor, numel: int, al
     if algorithm == "auto":
         algorithm = _auto(indices, values, numel, backend, dense_threshold, cost_model)
     if algorithm == "dense":
-        return _dense(backend, indices, values, numel)
+        return dense_sum(backend, indices, values, numel)
     if algorithm == "allgather":
-        return sparcml.sparse_allgather_sum(backend, indices, values, numel)
-    fn = {"ssar_recursive_double": sparcml.ssar_recursive_double,
-          "ssar_split_allgather": sparcml.ssar_split_allgather,
-          "dsar_split_allgather": sparcml.dsar_split_allgather}[algorithm]
+        return Allgather().reduce(indices.to(torch.int64), values, numel, backend).total.to(values.dtype)
     if algorithm == "ssar_recursive_double":
-        return fn(backend, indices, values, numel, dense_threshold=dense_threshold)
-    return fn(backend, indices, values, numel, dense_threshold=dense_threshold, split_bounds=split_bounds)
-
-
-def _dense(backend: Backend, indices: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
-    """Densify locally, then a ring allreduce of ``numel`` values."""
-    acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
-    out = torch.zeros(numel, dtype=acc, device=values.device)
-    if indices.numel():
-        out.index_add_(0, indices.to(torch.int64), values.to(acc))
-    out = out.to(values.dtype)
-    return backend.allreduce(out)
+        return ssar_recursive_double(backend, indices, values, numel, dense_threshold=dense_threshold)
+    split = ssar_split_allgather if algorithm == "ssar_split_allgather" else dsar_split_allgather
+    return split(backend, indices, values, numel, dense_threshold=dense_threshold, split_bounds=split_bounds)
 
 
 def _auto(indices, values, numel, backend, dense_threshold, cost_model) -> str:

@@ -122,6 +122,11 @@ class StepCheck:
         self.window_start = step + self.period
 
     # -- reports and state ---------------------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        """The configuration (what every rank must agree on)."""
+        return {"window": self.window, "every": self.every, "max_every": self.max_every, "margin": self.margin,
+                "start": self.start}
+
     def report(self) -> dict[str, Any]:
         """``{"verdict", "next_check", "checks": [{"step", "sparse_step_s", "dense_step_s", "verdict"}, ...]}``."""
         return {"verdict": self.verdict, "next_check": self.window_start, "checks": [dict(c) for c in self.checks]}

@@ -3,28 +3,30 @@
 A compressor sees one flat accumulator at a time (a layer's gradient plus its residual, or a whole bucket's)
 and returns a :class:`~sparsedist.payload.SparseGrad`. The hook (:mod:`sparsedist.hook`) owns the flow::
 
-    acc     = compressor.accumulate(key, grad, residual)   # error feedback: grad + residual (DGC: momentum)
+    acc     = compressor.accumulate(grad, residual, ctx)   # error feedback: grad + residual (DGC: momentum)
     payload = compressor.compress(acc, ctx)                # selection
     ...collective...
     residual = acc - payload.to_dense()                    # (sparsedist.feedback) what was not sent is kept
-    compressor.after_send(key, payload)                    # compressor-side state (DGC momentum masking, ...)
+    compressor.after_send(ctx.key, payload)                # compressor-side state (DGC momentum masking, ...)
 
-Compressors that keep per-tensor state key it by ``key`` (the parameter's stable position in the model,
-identical on every rank) and implement ``state_dict()`` / ``load_state_dict()``.
+Compressors that keep per-tensor state key it by ``ctx.key`` (the parameter's name, identical on every rank) and
+implement ``state_dict()`` / ``load_state_dict()``. Everything a compressor may know besides the tensors (the
+step, the world size, the shared seed) arrives in the :class:`SelectContext`, on every registration path.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..checks import check_density, check_nonnegative
 from ..payload import SparseGrad
 
-__all__ = ["Compressor", "SelectContext", "check_density", "check_nonnegative", "count_for_density"]
+__all__ = ["Compressor", "FixedDensityCompressor", "SelectContext", "check_density", "check_nonnegative",
+           "count_for_density"]
 
 
 @dataclass
@@ -33,8 +35,9 @@ class SelectContext:
 
     Attributes:
         step: number of completed gradient exchanges before this one (0 on the first step); identical on all ranks.
-        key: stable integer id of the tensor (parameter position in the model; for a whole-bucket selection the
-            first parameter's), identical on every rank.
+        key: the tensor's state key, its parameter name (for a whole-bucket selection the first parameter's),
+            identical on every rank.
+        index: the parameter's position in the model (for seeded randomness: an integer identical on every rank).
         world_size: number of ranks taking part.
         rank: this process's rank (for rank-local randomness).
         seed: the state's seed, shared by all ranks (for shared-index randomness).
@@ -43,33 +46,13 @@ class SelectContext:
     """
 
     step: int
-    key: int
+    key: str = ""
+    index: int = 0
     world_size: int = 1
     rank: int = 0
     seed: int = 0
     second_moment: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def check_density(density: Any, name: str = "density") -> float:
-    """Validate a density in (0, 1]; raise ``TypeError``/``ValueError`` naming the option otherwise."""
-    if isinstance(density, bool) or not isinstance(density, numbers.Real):
-        raise TypeError(f"{name} must be a number in (0, 1], got {density!r} of type {type(density).__name__}")
-    density = float(density)
-    if math.isnan(density) or not 0.0 < density <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1] (fraction of elements sent), got {density}; "
-                         f"e.g. {name}=0.01 sends 1% of the gradient")
-    return density
-
-
-def check_nonnegative(value: Any, name: str) -> float:
-    """Validate a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite number >= 0, got {value!r} of type {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return value
 
 
 def count_for_density(numel: int, density: float) -> int:
@@ -115,6 +98,9 @@ class Compressor:
         needs_second_moment: True if :meth:`compress` needs ``ctx.second_moment`` (variance-based selection);
             :func:`sparsedist.register` then installs the module hooks that compute it.
         shared_indices: True if every rank selects the same indices (values-only allreduce is valid).
+        count_bounded: True if :meth:`compress` never returns more than ``count_for_density(n, density_at(step))``
+            entries, so that payloads can be padded to a bound known from the configuration (the hook then sends
+            them with one asynchronous collective of fixed size, overlapped with the backward pass).
         dense_fallback: True if sending every entry of the accumulator is a sound step of this method, so that
             ``collective="auto"`` may skip selection and allreduce everything when that is fastest (a fast link);
             the residual is then flushed (see :meth:`dense_step`).
@@ -125,16 +111,17 @@ class Compressor:
     name = "base"
     needs_second_moment = False
     shared_indices = False
+    count_bounded = False
     dense_fallback = True
     accumulates_plainly = True
 
-    def accumulate(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def accumulate(self, grad: torch.Tensor, residual: torch.Tensor | None, ctx: SelectContext) -> torch.Tensor:
         """Return the accumulator to select from: ``grad + residual`` (a new tensor; inputs untouched).
 
         Args:
-            key: the tensor's stable id.
-            grad: flat gradient of this step, ``(n,)``, summed over ranks' local batch (not yet averaged).
+            grad: flat gradient of this step, ``(n,)``, this rank's (not yet averaged over ranks).
             residual: flat residual ``(n,)`` in the accumulator dtype, or None when error feedback is off.
+            ctx: the tensor's key, the step, the world size (e.g. DGC's clipping threshold scales with it).
         """
         if residual is None:
             return grad.clone()
@@ -144,41 +131,48 @@ class Compressor:
         """Select what to send from the flat accumulator ``acc`` (``(n,)``, floating)."""
         raise NotImplementedError
 
-    def after_send(self, key: int, payload: SparseGrad) -> None:
+    def after_send(self, key: str, payload: SparseGrad, finite: bool | torch.Tensor = True) -> None:
         """Commit compressor-side state once ``payload`` has been exchanged (default: nothing).
+
+        ``finite`` is True, or a 0-d bool tensor (an overlapped exchange on an accelerator, which must not wait for
+        the host): then commit on the device only where it is True (``torch.where``).
 
         Compressors must not change their persistent state in :meth:`accumulate` or :meth:`compress`: when an
         exchange is abandoned (a non-finite gradient on some rank), the hook skips :meth:`after_send` and calls
-        :meth:`discard_pending`, and the state must be exactly as before the step.
+        :meth:`discard_pending` for the tensor, and its state must be exactly as before the step. Commits may
+        run on the communication thread (an overlapped exchange's callback), one tensor at a time: touch only
+        ``key``'s state.
         """
 
-    def discard_pending(self) -> None:
-        """Forget whatever :meth:`accumulate`/:meth:`compress` prepared for an abandoned exchange."""
+    def discard_pending(self, key: str) -> None:
+        """Forget whatever :meth:`accumulate`/:meth:`compress` prepared for ``key`` in an abandoned exchange."""
 
-    def after_send_all(self, key: int) -> None:
+    def after_send_all(self, key: str) -> None:
         """Commit compressor-side state once the whole accumulator of ``key`` was exchanged (``collective="auto"``
         chose the dense sum, so :meth:`compress` was not called). Default: nothing."""
 
-    def dense_step(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> None:
+    def dense_step(self, grad: torch.Tensor, residual: torch.Tensor | None, ctx: SelectContext,
+                   scale: float = 1.0) -> None:
         """``collective="auto"``'s dense choice, in place: turn ``grad`` into the accumulator this method would
         select from, so that it can be sent whole by plain DDP's asynchronous allreduce. State changes stay
         pending like :meth:`accumulate`'s: the hook calls :meth:`after_send_all` once the sum is known to be
         finite (and drops the residual), otherwise nothing.
 
         Args:
-            key: the tensor's stable id.
             grad: flat gradient ``(n,)``, a view into the DDP bucket (overwritten).
-            residual: the residual ``(n,)`` in ``grad``'s dtype, or None (no error feedback, or none kept).
+            residual: the residual ``(n,)`` in ``grad``'s dtype (unscaled units), or None (none kept).
+            ctx: as for :meth:`accumulate`.
+            scale: the loss scale ``grad`` carries (the residual is added times ``scale``).
         """
         if residual is not None:
-            grad.add_(residual)
+            grad.add_(residual, alpha=scale)
 
     def density_at(self, step: int) -> float | None:
         """Target density at ``step`` for fixed-density compressors, else None."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        """Per-tensor state (e.g. DGC momenta), keyed by the tensor's ``key``."""
+        """Per-tensor state (e.g. DGC momenta), keyed by the tensor's ``key`` (its parameter name)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -193,3 +187,21 @@ class Compressor:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
+
+
+class FixedDensityCompressor(Compressor):
+    """A compressor that sends ``ceil(density * n)`` entries of each tensor (top-k, rand-k), or that many on
+    average (Wangni's unbiased rand-k).
+
+    Args:
+        density: fraction of entries sent, in (0, 1].
+    """
+
+    def __init__(self, density: float = 0.01):
+        self.density = check_density(density)
+
+    def density_at(self, step: int) -> float:
+        return self.density
+
+    def options(self) -> dict[str, Any]:
+        return {"density": self.density}

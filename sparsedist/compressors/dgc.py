@@ -59,8 +59,9 @@ class DGCCompressor(Compressor):
         density: final fraction of entries sent, in (0, 1] (paper: 0.001).
         momentum: momentum factor m of the momentum correction (paper: 0.9). The optimizer must have none.
         nesterov: Nesterov variant of the correction (``u = m(u + g)``, ``v += u + g``).
-        clip_norm: local gradient clipping threshold (global-norm units); each tensor's L2 norm is clipped at
-            ``clip_norm * world_size ** -0.5``. None disables clipping.
+        clip_norm: local gradient clipping threshold (global-norm units), > 0; each tensor's L2 norm is clipped at
+            ``clip_norm * world_size ** -0.5`` (the world size comes from the selection context). None disables
+            clipping.
         warmup_steps: number of exchange steps of the exponential density warm-up (0: none).
         warmup_stages: number of warm-up stages (paper: 4 epochs).
         sample_ratio: fraction of entries sampled to estimate the top-k threshold (paper: 0.1%-1%).
@@ -72,6 +73,7 @@ class DGCCompressor(Compressor):
     # exactly momentum SGD (factor masking exists for delayed entries; applied to all it would zero the momentum)
     dense_fallback = True
     accumulates_plainly = False
+    count_bounded = True
 
     def __init__(self, density: float = 0.001, momentum: float = 0.9, nesterov: bool = False,
                  clip_norm: float | None = None, warmup_steps: int = 0, warmup_stages: int = 4,
@@ -82,6 +84,9 @@ class DGCCompressor(Compressor):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.nesterov = bool(nesterov)
         self.clip_norm = None if clip_norm is None else check_nonnegative(clip_norm, "clip_norm")
+        if self.clip_norm == 0:
+            raise ValueError("clip_norm must be > 0 (0 would clip every gradient to zero, so nothing would ever "
+                             "move); pass clip_norm=None to switch local clipping off")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0 (number of exchange steps), got {warmup_steps!r}")
         if isinstance(warmup_stages, bool) or not isinstance(warmup_stages, int) or warmup_stages < 1:
@@ -90,10 +95,9 @@ class DGCCompressor(Compressor):
         self.warmup_stages = warmup_stages
         self.sample_ratio = check_density(sample_ratio, "sample_ratio")
         self.momentum_masking = bool(momentum_masking)
-        self._u: dict[int, torch.Tensor] = {}
-        self._pending: dict[int, torch.Tensor] = {}
-        self._spare: dict[int, torch.Tensor] = {}  # dense steps' output buffers (see dense_step)
-        self._world_size = 1
+        self._u: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._spare: dict[str, torch.Tensor] = {}  # dense steps' output buffers (see dense_step)
         self._generator = torch.Generator().manual_seed(0)
         self._workspace = Workspace()  # selection's scratch buffers, reused between calls
 
@@ -103,10 +107,11 @@ class DGCCompressor(Compressor):
         stage = step * self.warmup_stages // self.warmup_steps
         return max(self.density, self.density ** ((stage + 1) / (self.warmup_stages + 1)))
 
-    def accumulate(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def accumulate(self, grad: torch.Tensor, residual: torch.Tensor | None, ctx: SelectContext) -> torch.Tensor:
+        key = ctx.key
         g = grad.to(residual.dtype) if residual is not None else grad.float()
         if self.clip_norm is not None:
-            g = g * self._clip_factor(g)
+            g = g * self._clip_factor(g, ctx.world_size)
         u = self._u.get(key)
         if u is None or u.shape != g.shape:
             u = torch.zeros_like(g)
@@ -121,10 +126,10 @@ class DGCCompressor(Compressor):
         self._pending[key] = u_new
         return step.clone() if residual is None else residual + step
 
-    def _clip_factor(self, g: torch.Tensor) -> torch.Tensor:
+    def _clip_factor(self, g: torch.Tensor, world_size: int) -> torch.Tensor:
         """Local gradient clipping: the factor (0-d tensor, <= 1) that brings ``g``'s L2 norm to at most
         ``clip_norm * world_size ** -0.5``."""
-        limit = self.clip_norm / math.sqrt(max(1, self._world_size))
+        limit = self.clip_norm / math.sqrt(max(1, world_size))
         return torch.clamp(limit / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)
 
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
@@ -136,19 +141,22 @@ class DGCCompressor(Compressor):
             idx = topk_indices(acc, k, self._workspace)
         return SparseGrad(idx, acc[idx], acc.numel())
 
-    def after_send(self, key: int, payload: SparseGrad) -> None:
+    def after_send(self, key: str, payload: SparseGrad, finite: bool | torch.Tensor = True) -> None:
         u = self._pending.pop(key, None)
         if u is None:
             return
         if self.momentum_masking and payload.nnz:
             u.index_fill_(0, payload.indices.long(), 0)
+        if finite is not True:  # a device flag: keep the old momentum where some rank overflowed
+            old = self._u.get(key)
+            u = torch.where(finite, u, old if old is not None and old.shape == u.shape else 0.0)
         self._u[key] = u
 
-    def discard_pending(self) -> None:
-        """Forget momenta computed for an exchange that was abandoned."""
-        self._pending.clear()
+    def discard_pending(self, key: str) -> None:
+        """Forget the momentum computed for ``key`` in an exchange that was abandoned."""
+        self._pending.pop(key, None)
 
-    def after_send_all(self, key: int) -> None:
+    def after_send_all(self, key: str) -> None:
         """Every entry of ``key`` was sent: commit the new momentum without factor masking."""
         u = self._pending.pop(key, None)
         if u is not None:
@@ -157,13 +165,15 @@ class DGCCompressor(Compressor):
             if old is not None and old is not u and old.shape == u.shape:
                 self._spare[key] = old  # the next dense step writes into it
 
-    def dense_step(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> None:
+    def dense_step(self, grad: torch.Tensor, residual: torch.Tensor | None, ctx: SelectContext,
+                   scale: float = 1.0) -> None:
         """In place: clip ``grad``, ``grad <- u_new (+ residual)`` with ``u_new = m u + g``; ``u_new`` is committed
         by :meth:`after_send_all` (unmasked: every entry was sent). ``u_new`` is written into a spare buffer kept
         per tensor (the previous momentum's, recycled at commit), so a dense step allocates nothing: on a CPU a
         fresh 21M-element tensor costs more than the pass that fills it (page faults)."""
+        key = ctx.key
         if self.clip_norm is not None:
-            grad.mul_(self._clip_factor(grad))
+            grad.mul_(self._clip_factor(grad, ctx.world_size))
         u = self._u.get(key)
         spare = self._spare.pop(key, None)
         if spare is None or spare.shape != grad.shape or spare.dtype != torch.float32 or spare.device != grad.device:
@@ -181,7 +191,7 @@ class DGCCompressor(Compressor):
         else:
             grad.copy_(spare)
         if residual is not None:
-            grad.add_(residual)
+            grad.add_(residual, alpha=scale)
         self._pending[key] = spare
 
     def __getstate__(self) -> dict[str, Any]:
@@ -189,15 +199,11 @@ class DGCCompressor(Compressor):
         state["_spare"] = {}  # scratch, rebuilt on the next dense step
         return state
 
-    def set_world_size(self, world_size: int) -> None:
-        """Tell the compressor how many ranks take part (scales the clipping threshold)."""
-        self._world_size = int(world_size)
-
     def state_dict(self) -> dict[str, Any]:
         return {"momentum": {k: v.clone() for k, v in self._u.items()}, "generator": self._generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._u = {int(k): v.clone() for k, v in state.get("momentum", {}).items()}
+        self._u = {k: v.clone() for k, v in state.get("momentum", {}).items()}
         if "generator" in state:
             self._generator.set_state(state["generator"])
 

@@ -14,12 +14,11 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
 from ..payload import SparseGrad
-from .base import Compressor, SelectContext, check_density, count_for_density
+from .base import FixedDensityCompressor, SelectContext, count_for_density
 
 __all__ = ["RandKCompressor", "WangniCompressor", "shared_random_indices", "wangni_probabilities"]
 
@@ -86,7 +85,7 @@ def wangni_probabilities(mag: torch.Tensor, k: int, max_iters: int = 64) -> torc
     return torch.where(saturated, torch.ones_like(mag), (lam * mag).clamp(max=1.0))
 
 
-class RandKCompressor(Compressor):
+class RandKCompressor(FixedDensityCompressor):
     """Uniform random k-subset shared by all ranks (values-only allreduce), no rescaling.
 
     Args:
@@ -95,23 +94,15 @@ class RandKCompressor(Compressor):
 
     name = "randk"
     shared_indices = True
-
-    def __init__(self, density: float = 0.01):
-        self.density = check_density(density)
-
-    def density_at(self, step: int) -> float:
-        return self.density
+    count_bounded = True
 
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
         k = count_for_density(acc.numel(), self.density)
-        idx = shared_random_indices(acc.numel(), k, ctx.seed, ctx.step, ctx.key, acc.device)
+        idx = shared_random_indices(acc.numel(), k, ctx.seed, ctx.step, ctx.index, acc.device)
         return SparseGrad(idx, acc[idx], acc.numel(), shared_indices=True)
 
-    def options(self) -> dict[str, Any]:
-        return {"density": self.density}
 
-
-class WangniCompressor(Compressor):
+class WangniCompressor(FixedDensityCompressor):
     """Magnitude-proportional unbiased random sparsification (Wangni et al. 2018).
 
     Args:
@@ -120,20 +111,11 @@ class WangniCompressor(Compressor):
 
     name = "wangni"
 
-    def __init__(self, density: float = 0.01):
-        self.density = check_density(density)
-
-    def density_at(self, step: int) -> float:
-        return self.density
-
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
         k = count_for_density(acc.numel(), self.density)
         p = wangni_probabilities(acc.abs(), k)
-        gen = torch.Generator().manual_seed(_mix_seed(ctx.seed, ctx.step, ctx.key, ctx.rank + 1))
+        gen = torch.Generator().manual_seed(_mix_seed(ctx.seed, ctx.step, ctx.index, ctx.rank + 1))
         u = torch.rand(acc.numel(), generator=gen).to(acc.device)
         idx = (u < p).nonzero().view(-1)
         values = (acc[idx].float() / p[idx]).to(acc.dtype)
         return SparseGrad(idx, values, acc.numel())
-
-    def options(self) -> dict[str, Any]:
-        return {"density": self.density}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..payload import SparseGrad
-from .base import Compressor, SelectContext, Workspace, check_density, count_for_density
+from .base import FixedDensityCompressor, SelectContext, Workspace, check_density, count_for_density
 
 __all__ = ["TopKCompressor", "topk_indices", "sampled_topk_indices"]
 
@@ -106,7 +106,7 @@ def sampled_topk_indices(x: torch.Tensor, k: int, sample_ratio: float = 0.01, mi
     return candidates
 
 
-class TopKCompressor(Compressor):
+class TopKCompressor(FixedDensityCompressor):
     """Keep the ``k = ceil(density * n)`` largest-magnitude entries of each accumulator.
 
     Args:
@@ -120,18 +120,16 @@ class TopKCompressor(Compressor):
     """
 
     name = "topk"
+    count_bounded = True  # exact: k entries; sampled: between k/2 and k
 
     def __init__(self, density: float = 0.01, mode: str = "exact", sample_ratio: float = 0.01):
-        self.density = check_density(density)
+        super().__init__(density)
         if mode not in ("exact", "sampled"):
             raise ValueError(f"topk mode must be 'exact' or 'sampled', got {mode!r}")
         self.mode = mode
         self.sample_ratio = check_density(sample_ratio, "sample_ratio")
         self._generator = torch.Generator().manual_seed(0)
         self._workspace = Workspace()
-
-    def density_at(self, step: int) -> float:
-        return self.density
 
     def select(self, acc: torch.Tensor, k: int) -> torch.Tensor:
         if self.mode == "sampled":
@@ -152,4 +150,4 @@ class TopKCompressor(Compressor):
             self._generator.set_state(state["generator"])
 
     def options(self) -> dict[str, Any]:
-        return {"density": self.density, "mode": self.mode}
+        return {**super().options(), "mode": self.mode}

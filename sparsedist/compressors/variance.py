@@ -123,21 +123,21 @@ class VarianceCompressor(Compressor):
         self.zeta = _check_zeta(zeta)
         self.quantize = bool(quantize)
         self.keep_quantization_error = bool(keep_quantization_error)
-        self._v: dict[int, torch.Tensor] = {}          # committed variance per key
-        self._pending: dict[int, torch.Tensor] = {}    # v + m2 of the step being exchanged
-        self._reset: dict[int, torch.Tensor] = {}      # indices whose residual must be zeroed (discard mode)
+        self._v: dict[str, torch.Tensor] = {}          # committed variance per key
+        self._pending: dict[str, torch.Tensor] = {}    # v + m2 of the step being exchanged
+        self._reset: dict[str, torch.Tensor] = {}      # indices whose residual must be zeroed (discard mode)
 
     # ----------------------------------------------------------------------------------------- hook API
 
-    def accumulate(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def accumulate(self, grad: torch.Tensor, residual: torch.Tensor | None, ctx: SelectContext) -> torch.Tensor:
         """``r + g``; in discard mode ``r`` is first zeroed where the last step sent (``r_i <- 0``).
 
         Changes no state (the reset indices are replaced in :meth:`after_send`), so an abandoned step can be
         retried.
         """
-        return super().accumulate(key, grad, self._kept_residual(key, residual))
+        return super().accumulate(grad, self._kept_residual(ctx.key, residual), ctx)
 
-    def _kept_residual(self, key: int, residual: torch.Tensor | None) -> torch.Tensor | None:
+    def _kept_residual(self, key: str, residual: torch.Tensor | None) -> torch.Tensor | None:
         """``residual``, or in discard mode a copy zeroed where the last step sent (the input is untouched)."""
         idx = self._reset.get(key)
         if idx is None or residual is None or idx.numel() == 0:
@@ -200,7 +200,7 @@ class VarianceCompressor(Compressor):
                 idx, values = idx[keep], values[keep]
         return SparseGrad(idx, values, n)
 
-    def after_send(self, key: int, payload: SparseGrad) -> None:
+    def after_send(self, key: str, payload: SparseGrad, finite: bool = True) -> None:
         """Commit ``v``: 0 where ``payload`` sent, ``zeta * v`` elsewhere (discard mode: mark ``r`` reset)."""
         v = self._pending.pop(key, None)
         if v is None:                       # this tensor was not selected by compress() (sent dense)
@@ -222,24 +222,25 @@ class VarianceCompressor(Compressor):
             self._reset.pop(key, None)
         self._v[key] = v
 
-    def discard_pending(self) -> None:
-        """Forget the variances computed for an exchange that was abandoned (state stays as before it)."""
-        self._pending.clear()
+    def discard_pending(self, key: str) -> None:
+        """Forget the variance computed for ``key`` in an exchange that was abandoned (state stays as before)."""
+        self._pending.pop(key, None)
 
     @property
     def accumulates_plainly(self) -> bool:  # discard mode zeroes part of the residual first
         return not (self.quantize and not self.keep_quantization_error)
 
-    def after_send_all(self, key: int) -> None:
+    def after_send_all(self, key: str) -> None:
         """Every entry of ``key`` was sent: its variance is that of an empty residual, 0 (dropped)."""
         self._pending.pop(key, None)
         self._v.pop(key, None)
         self._reset.pop(key, None)
 
-    def dense_step(self, key: int, grad: torch.Tensor, residual: torch.Tensor | None) -> None:
-        """``grad += residual`` (zeroed first where discard mode says so); :meth:`after_send_all` drops the
-        variance."""
-        super().dense_step(key, grad, self._kept_residual(key, residual))
+    def dense_step(self, grad: torch.Tensor, residual: torch.Tensor | None, ctx: SelectContext,
+                   scale: float = 1.0) -> None:
+        """``grad += scale * residual`` (zeroed first where discard mode says so); :meth:`after_send_all` drops
+        the variance."""
+        super().dense_step(grad, self._kept_residual(ctx.key, residual), ctx, scale)
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -258,8 +259,8 @@ class VarianceCompressor(Compressor):
         for k, v in variance.items():
             if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
                 raise ValueError(f"variance state for key {k} must be a 1-D floating tensor, got {v!r:.60}")
-        self._v = {int(k): v.detach().to(torch.float32).clone() for k, v in variance.items()}
-        self._reset = {int(k): i.detach().long().clone() for k, i in state.get("reset", {}).items()}
+        self._v = {k: v.detach().to(torch.float32).clone() for k, v in variance.items()}
+        self._reset = {k: i.detach().long().clone() for k, i in state.get("reset", {}).items()}
         self._pending.clear()
 
     def options(self) -> dict[str, Any]:

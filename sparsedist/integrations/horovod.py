@@ -25,38 +25,19 @@ exchange is dense (``compressor="none"``).
 from __future__ import annotations
 
 import contextlib
-import itertools
-import time
+import dataclasses
 import weakref
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import torch
 
-try:
-    import horovod.torch as hvd
-except ImportError as exc:  # pragma: no cover - depends on the machine
-    raise ImportError(
-        f"sparsedist.horovod needs Horovod built with PyTorch support, and `import horovod.torch` failed ({exc}). "
-        f"Install it with `bash scripts/build_horovod.sh` (builds Horovod 0.28.1 with the C++17 change it needs "
-        f"for torch >= 2.1, Gloo and MPI controllers; about 4 minutes), then start jobs with "
-        f"`horovodrun -np N python train.py`"
-    ) from exc
+from sparsedist.compressors import Compressor
+from sparsedist.hook import SparsifyState
+from sparsedist.options import split_options
 
-from sparsedist.collectives.backend import Backend
-from sparsedist.compressors import COMPRESSORS, Compressor, build_compressor, compressor_options
-from sparsedist.hook import STATE_OPTIONS, SparsifyState
+from .horovod_backend import HorovodBackend, check_initialized, hvd
 
 __all__ = ["DistributedOptimizer", "HorovodBackend"]
-
-# dtypes Horovod 0.28.1 reduces (others are summed in a wider type) and moves (others travel as raw bytes)
-_REDUCE_DTYPES = {torch.float16, torch.float32, torch.float64, torch.int32, torch.int64}
-_MOVE_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
-                torch.float64}
-
-# Horovod matches operations across ranks by name; names must be unique among the operations in flight and
-# identical on every rank. Every rank issues sparsedist's collectives in the same order, so a process-wide
-# counter gives the same name to the same operation everywhere.
-_op_counter = itertools.count()
 
 # hvd.DistributedOptimizer arguments with no meaning here, and what to do instead
 _HOROVOD_ONLY = {
@@ -73,188 +54,6 @@ _HOROVOD_ONLY = {
                "torch.distributed or MPI backends",
 }
 
-
-def _check_initialized() -> None:
-    if not hvd.is_initialized():
-        raise RuntimeError("Horovod is not initialised: call hvd.init() (import horovod.torch as hvd) first, in a "
-                           "job started by horovodrun")
-
-
-class HorovodBackend(Backend):
-    """sparsedist's communication primitives over Horovod's collectives (all Horovod ranks).
-
-    Args:
-        timeout: seconds. ``None`` (default) waits for each operation as Horovod does (its stall inspector warns
-            after 60 s). A number polls the operation and raises ``RuntimeError`` naming it when it has not
-            completed in time (a peer stopped answering or issued a different operation). Horovod cannot cancel
-            an operation, so the job should then end.
-
-    Primitives: ``allreduce`` is ``hvd.allreduce_`` with ``op=hvd.Sum`` (in place; float16/32/64 and int32/64
-    natively; bfloat16 is summed in float32 and rounded once, bool reduces with logical or, other integers are
-    summed in int64); ``allgather`` is ``hvd.allgather`` of a ``(1, n)`` view; ``alltoall_v`` is ``hvd.alltoall``
-    with split sizes; dtypes Horovod cannot move (bfloat16, bool) travel as raw bytes. Horovod has no
-    point-to-point messages, so ``sendrecv`` is an ``hvd.alltoall`` in which this rank sends only to ``dst`` and
-    receives only from ``src``: it is a *collective* call, and every rank must call it, in the same order. That
-    holds for rings and pairwise rounds (SparCML's ring allgatherv and split-allgather algorithms, recursive
-    doubling on a power-of-two number of ranks), not for patterns in which some ranks stay idle (SparCML's
-    recursive doubling folds the ranks beyond the largest power of two with messages only some ranks take part
-    in; over Horovod that fails with a receive-count error or waits until ``timeout``, and
-    :class:`DistributedOptimizer` refuses ``collective="ssar_recursive_double"``/``"auto"`` at such sizes). With the
-    default ``collective="allgather"`` the exchange uses only allreduce and allgather. Byte accounting is the base
-    class's, so counts compare with ``TorchBackend``'s.
-    """
-
-    def __init__(self, timeout: float | None = None):
-        super().__init__()
-        _check_initialized()
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not timeout > 0):
-            raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
-        self.timeout = None if timeout is None else float(timeout)
-        self.rank = hvd.rank()
-        self.size = hvd.size()
-
-    # -- helpers -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _name(op: str) -> str:
-        return f"sparsedist.{op}.{next(_op_counter)}"
-
-    def _wait(self, handle, what: str):
-        """``hvd.synchronize(handle)``, bounded by the timeout when one is set; returns the operation's output."""
-        if self.timeout is not None:
-            deadline = time.monotonic() + self.timeout
-            pause = 1e-5
-            while not hvd.poll(handle):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"sparsedist HorovodBackend: {what} did not complete within {self.timeout:.1f} s on rank "
-                        f"{self.rank} of {self.size} (a peer stopped answering or issued a different operation); "
-                        f"Horovod cannot cancel it: end the job")
-                time.sleep(pause)
-                pause = min(2 * pause, 1e-3)
-        try:
-            return hvd.synchronize(handle)
-        except RuntimeError as exc:  # HorovodInternalError is a RuntimeError
-            raise RuntimeError(f"sparsedist HorovodBackend: {what} failed on rank {self.rank} of {self.size}: "
-                               f"{exc}") from exc
-
-    @staticmethod
-    def _movable(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """``t`` itself, or a uint8 view of its bytes when Horovod cannot move its dtype; and the byte factor."""
-        if t.dtype in _MOVE_DTYPES:
-            return t, 1
-        if t.is_complex():
-            raise TypeError(f"HorovodBackend does not move {t.dtype} tensors; use a real dtype")
-        return t.view(torch.uint8), t.element_size()
-
-    # -- primitives ----------------------------------------------------------------------------------------
-    def _allreduce(self, tensor: torch.Tensor) -> None:
-        if tensor.numel() == 0:  # every rank has the same shape, so every rank skips
-            return
-        if tensor.is_complex():
-            raise TypeError(f"HorovodBackend.allreduce does not support {tensor.dtype}; use a real dtype")
-        if tensor.dtype in _REDUCE_DTYPES and tensor.is_contiguous():
-            work = tensor
-        elif tensor.dtype in _REDUCE_DTYPES:
-            work = tensor.contiguous()
-        elif tensor.is_floating_point():
-            work = tensor.to(torch.float32)
-        elif tensor.dtype == torch.bool:
-            work = tensor.to(torch.int32)
-        else:
-            work = tensor.to(torch.int64)
-        name = self._name("allreduce")
-        self._wait(hvd.allreduce_async_(work, name=name, op=hvd.Sum), f"allreduce {name}")
-        if work is not tensor:
-            tensor.copy_(work != 0 if tensor.dtype == torch.bool else work)
-
-    def _allgather(self, tensor: torch.Tensor) -> torch.Tensor:
-        row = tensor.contiguous().reshape(1, -1)
-        moved, factor = self._movable(row)
-        name = self._name("allgather")
-        out = self._wait(hvd.allgather_async(moved, name=name), f"allgather {name}")
-        if factor != 1:
-            out = out.view(tensor.dtype)
-        return out.reshape(self.size, tensor.numel())
-
-    def _alltoall_v(self, chunks: Sequence[torch.Tensor], recv_counts: Sequence[int]) -> list[torch.Tensor]:
-        if len(chunks) != self.size or len(recv_counts) != self.size:
-            raise ValueError(f"alltoall_v needs one chunk and one receive count per rank ({self.size}), got "
-                             f"{len(chunks)} chunks and {len(recv_counts)} counts")
-        dtypes = {c.dtype for c in chunks}
-        if len(dtypes) != 1:
-            raise TypeError(f"alltoall_v: every chunk must have the same dtype, got {sorted(map(str, dtypes))}")
-        recv_counts = [int(n) for n in recv_counts]
-        if any(n < 0 for n in recv_counts):
-            raise ValueError(f"alltoall_v: receive counts must be >= 0, got {recv_counts}")
-        dtype = chunks[0].dtype
-        send = torch.cat([c.reshape(-1) for c in chunks])
-        moved, factor = self._movable(send)
-        splits = torch.tensor([c.numel() * factor for c in chunks], dtype=torch.int32)
-        name = self._name("alltoall")
-        out, received = self._wait(hvd.alltoall_async(moved, splits=splits, name=name), f"alltoall {name}")
-        got = [int(n) // factor for n in received.tolist()]
-        if got != recv_counts:
-            raise RuntimeError(f"sparsedist HorovodBackend: alltoall {name} on rank {self.rank} expected "
-                               f"{recv_counts} elements from ranks 0..{self.size - 1} but received {got}")
-        if factor != 1:
-            out = out.view(dtype)
-        return list(out.split(recv_counts))
-
-    def _sendrecv(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
-        for r, label in ((dst, "dst"), (src, "src")):
-            if not 0 <= int(r) < self.size:
-                raise ValueError(f"sendrecv: {label}={r} is not a rank of this {self.size}-rank Horovod job")
-        # Bytes, so that ranks sending different dtypes (or nothing) still agree on the alltoall's dtype.
-        payload = send.detach().contiguous().reshape(-1).view(torch.uint8) if send.numel() else \
-            torch.empty(0, dtype=torch.uint8, device=recv.device if recv.numel() else send.device)
-        empty = payload.new_empty(0)
-        chunks = [payload if r == int(dst) else empty for r in range(self.size)]
-        counts = [recv.numel() * recv.element_size() if r == int(src) else 0 for r in range(self.size)]
-        try:
-            got = self._alltoall_v(chunks, counts)[int(src)]
-        except RuntimeError as exc:
-            raise RuntimeError(
-                f"{exc}. Over Horovod, sendrecv is collective (an alltoall): every rank must call it, in the same "
-                f"order. Algorithms in which some ranks stay idle, such as SparCML's recursive doubling on a "
-                f"non-power-of-two number of ranks, cannot run over HorovodBackend: use 'ssar_split_allgather', "
-                f"'dsar_split_allgather' or 'allgather'") from exc
-        if recv.numel():
-            recv.copy_(got.view(recv.dtype).view(recv.shape))
-
-    def _barrier(self) -> None:
-        if self.timeout is None:
-            hvd.barrier()
-        else:
-            self._allreduce(torch.zeros(1, dtype=torch.int32))
-
-
-def _split_options(compressor: str | Compressor | None, options: dict[str, Any]) -> tuple[Compressor | None, dict]:
-    """``(compressor object or None, SparsifyState options)`` from a name or object and the user's options.
-
-    The same split as :func:`sparsedist.register`: options named in :data:`sparsedist.hook.STATE_OPTIONS` go to
-    the state, the rest to the compressor, and unknown names raise ``ValueError`` listing the valid ones.
-    """
-    for key in options:
-        if key in _HOROVOD_ONLY:
-            raise ValueError(f"sparsedist.horovod.DistributedOptimizer does not take {key!r}: {_HOROVOD_ONLY[key]}")
-    state_opts = {k: v for k, v in options.items() if k in STATE_OPTIONS}
-    comp_opts = {k: v for k, v in options.items() if k not in STATE_OPTIONS}
-    if isinstance(compressor, Compressor):
-        if comp_opts:
-            raise ValueError(f"unknown option(s) {sorted(comp_opts)}: a Compressor object carries its own "
-                             f"settings; options accepted here: {sorted(set(STATE_OPTIONS) - set(_HOROVOD_ONLY))}")
-        return compressor, state_opts
-    if compressor is None:
-        compressor = "none"
-    if isinstance(compressor, str) and compressor in COMPRESSORS:
-        unknown = sorted(set(comp_opts) - set(compressor_options(compressor)))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for compressor {compressor!r}; valid: "
-                f"{sorted(compressor_options(compressor))} (compressor) and "
-                f"{sorted(set(STATE_OPTIONS) - set(_HOROVOD_ONLY))} (exchange)")
-    return build_compressor(compressor, **comp_opts), state_opts
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
@@ -275,7 +74,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             before each :meth:`step`; more passes than this before a step raise ``RuntimeError``, as in Horovod.
             The accumulated gradients are summed over passes and averaged over ranks.
         **options: the compressor's options (``density``, ``threshold``, ``momentum``, ...) and the exchange's
-            (:data:`sparsedist.hook.STATE_OPTIONS`: ``error_feedback``, ``value_dtype``, ``granularity``,
+            (:data:`sparsedist.options.STATE_OPTIONS`: ``error_feedback``, ``value_dtype``, ``granularity``,
             ``dense_below``, ``seed``, ``grad_scaler``, ``timeout``, ``check_every``, ``collective``, ...). With
             ``"dgc"`` the optimizer is checked for momentum (it must have none: DGC applies it) here and before
             every step. ``collective="ssar_recursive_double"`` or ``"auto"`` need a power-of-two number of ranks
@@ -310,8 +109,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if (isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int)
                 or backward_passes_per_step < 1):
             raise ValueError(f"backward_passes_per_step must be an int >= 1, got {backward_passes_per_step!r}")
-        _check_initialized()
-        comp, state_opts = _split_options(compressor, options)
+        check_initialized()
+        comp, exchange = split_options(compressor, options, refused=_HOROVOD_ONLY,
+                                       caller="sparsedist.horovod.DistributedOptimizer")
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if not any(p.requires_grad for p in params):
@@ -324,25 +124,21 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"compressor {comp.name!r} collects per-example statistics with hooks on the model's "
                              f"layers: pass named_parameters=model (the nn.Module itself)")
         named = self._name_parameters(optimizer, params, named_parameters, module)
-        if state_opts.get("check_every") and module is None:
+        if exchange.check_every and module is None:
             raise ValueError("check_every compares the model's parameters and buffers across ranks: pass "
                              "named_parameters=model (the nn.Module itself)")
         size = hvd.size()
-        if state_opts.get("collective") in ("ssar_recursive_double", "auto") and size & (size - 1):
-            raise ValueError(f"collective={state_opts['collective']!r} over Horovod needs a power-of-two number of "
+        if exchange.collective in ("ssar_recursive_double", "auto") and size & (size - 1):
+            raise ValueError(f"collective={exchange.collective!r} over Horovod needs a power-of-two number of "
                              f"ranks, not {size}: SparCML's recursive doubling folds the extra ranks with messages "
                              f"the others take no part in, and Horovod's sendrecv is collective ('auto' may choose "
                              f"recursive doubling). Use 'allgather', 'ssar_split_allgather', 'dsar_split_allgather', "
                              f"'gtopk' or 'dense'")
-        if comp is not None and comp.name == "dgc":
-            state_opts["optimizer"] = optimizer
-        timeout = state_opts.get("timeout")
+        exchange = dataclasses.replace(exchange, backend=HorovodBackend(timeout=exchange.timeout),
+                                       optimizer=optimizer if comp is not None and comp.name == "dgc" else None)
         self.optimizer = optimizer
         self.backward_passes_per_step = backward_passes_per_step
-        self.sparsify_state = SparsifyState(module if module is not None else named, comp,
-                                            backend=HorovodBackend(timeout=timeout), **state_opts)
-        if comp is not None and hasattr(comp, "set_world_size"):
-            comp.set_world_size(self.sparsify_state.world_size)
+        self.sparsify_state = SparsifyState.from_options(module if module is not None else named, comp, exchange)
         self._synchronized = False
         self._skip = False
         self._passes: dict[int, int] = {}

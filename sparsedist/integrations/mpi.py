@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sparsedist.collectives.backend import Backend
+from sparsedist.collectives.backend import Backend, check_timeout
 
 __all__ = ["MPIBackend"]
 
@@ -82,10 +82,7 @@ class MPIBackend(Backend):
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Intracomm):
             raise TypeError(f"comm must be an mpi4py.MPI.Intracomm, got {type(comm).__name__}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or timeout <= 0):
-            raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
-        self.timeout = None if timeout is None else float(timeout)
+        self.timeout = check_timeout(timeout)
         self.comm = comm.Dup()
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
@@ -217,12 +214,6 @@ class MPIBackend(Backend):
             recv.copy_(host_recv.view_as(recv))
 
     def _alltoall_v(self, chunks: Sequence[torch.Tensor], recv_counts: Sequence[int]) -> list[torch.Tensor]:
-        if len(chunks) != self.size or len(recv_counts) != self.size:
-            raise ValueError(f"alltoall_v needs one chunk and one receive count per rank ({self.size}), got "
-                             f"{len(chunks)} chunks and {len(recv_counts)} counts")
-        dtypes = {c.dtype for c in chunks}
-        if len(dtypes) != 1:
-            raise TypeError(f"alltoall_v: every chunk must have the same dtype, got {sorted(map(str, dtypes))}")
         dtype = chunks[0].dtype
         device = chunks[0].device
         recv_counts = [int(n) for n in recv_counts]

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import check_nonnegative
+
 __all__ = [
     "resolve_k",
     "topk_mask",
@@ -165,12 +167,7 @@ def _check_threshold(threshold) -> float:
         if threshold.numel() != 1:
             raise ValueError(f"threshold must be a scalar, got a tensor of shape {tuple(threshold.shape)}")
         threshold = threshold.item()
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"threshold must be a real number, got {type(threshold).__name__} {threshold!r}")
-    t = float(threshold)
-    if not math.isfinite(t) or t < 0:
-        raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
-    return t
+    return check_nonnegative(threshold, "threshold")
 
 
 def threshold_activation(x: Tensor, threshold: float) -> Tensor:

@@ -112,7 +112,7 @@ def sc_mass(rank, size):
             opt.zero_grad()
             model(c).backward()
             opt.step()
-        residual = opt.sparsify_state.feedback.residuals[0].clone()
+        residual = opt.sparsify_state.feedback.residuals["w"].clone()
         out[name + str(opts.get("variant", ""))] = (-model.w.detach().clone(), residual, raw)
     return out
 

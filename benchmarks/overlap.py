@@ -1,0 +1,152 @@
+"""Does the sparse exchange hide behind the backward pass? Step times of top-k with and without overlap.
+
+    sudo python launch/emulate_cluster.py -n 2 --rate 100mbit -- python benchmarks/overlap.py --json docs/overlap.json
+    torchrun --nproc_per_node=2 benchmarks/overlap.py --hidden 640 --steps 5          # loopback, small
+
+An MLP 784 -> H -> H -> 10 (H = 4600: 24.8M parameters; synthetic inputs, the shapes are what matter), batch 32
+per rank, SGD. Measured in one run, per density (1 % and 0.1 % by default), the median over ``--steps`` steps of
+the slowest rank:
+
+* ``compute``: a training step whose hook returns the local gradient at once (no exchange at all);
+* ``exchange``: the hook's exchange of the same gradients alone, bucket after bucket, each waited for
+  (accumulation, top-k selection, the collective, decoding, the commit) -- no backward pass to hide behind;
+* ``overlapped``: the training step with ``sparsedist.register(ddp, "topk", density=d)``: one fixed-size allgather
+  per bucket launched asynchronously, decoded in its future's callback while the backward pass goes on;
+* ``synchronous``: the same hook forced to run each exchange inside the hook body (``timeout=600``), as every
+  sparse exchange did before: the backward pass waits for each bucket's exchange.
+
+Printed: the four times, ``overlapped / max(compute, exchange)`` (1.0: fully hidden) and ``synchronous /
+(compute + exchange)`` (1.0: nothing hidden).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sparsedist
+import sparsedist.dist
+from sparsedist.collectives.backend import completed_future
+from sparsedist.hook import FlatBucket
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(784, hidden)
+        self.fc2 = torch.nn.Linear(hidden, hidden)
+        self.fc3 = torch.nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def _local_hook(state, bucket):
+    return completed_future(bucket.buffer())
+
+
+def _slowest(seconds: list[float]) -> float:
+    """Median over steps of the slowest rank's time (one allreduce of the per-step times)."""
+    t = torch.tensor(seconds, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return statistics.median(t.tolist())
+
+
+def _steps(ddp, opt, batches, warmup: int) -> float:
+    times = []
+    for i, (x, y) in enumerate(batches):
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return _slowest(times)
+
+
+def _exchange_alone(hidden: int, density: float, batches, warmup: int, bucket_elements: int) -> float:
+    """The hook's exchange of real gradients, bucket after bucket, with nothing to overlap."""
+    torch.manual_seed(0)
+    model = MLP(hidden)
+    params = [p for p in model.parameters()][::-1]  # DDP's bucket order: the last layers' gradients first
+    buckets, current = [], []
+    for p in params:
+        current.append(p)
+        if sum(q.numel() for q in current) >= bucket_elements:
+            buckets.append(current)
+            current = []
+    if current:
+        buckets.append(current)
+    state = sparsedist.SparsifyState(list(model.named_parameters()), "topk", density=density)
+    times = []
+    for i, (x, y) in enumerate(batches):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        flats = [torch.cat([p.grad.reshape(-1) for p in b]) for b in buckets]
+        dist.barrier()
+        t0 = time.perf_counter()
+        for j, (flat, b) in enumerate(zip(flats, buckets)):
+            state.exchange(FlatBucket(flat, b, j, j == len(buckets) - 1)).wait()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return _slowest(times)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=4600, help="hidden width (4600: 24.8M parameters)")
+    ap.add_argument("--batch", type=int, default=32, help="examples per rank and step")
+    ap.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out at the start of each configuration")
+    ap.add_argument("--densities", default="0.01,0.001")
+    ap.add_argument("--bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb")
+    ap.add_argument("--json", type=Path, help="rank 0 writes the rows here")
+    args = ap.parse_args(argv)
+    rank, world, _ = sparsedist.dist.init()
+    g = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(args.batch, 784, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
+               for _ in range(args.warmup + args.steps)]
+    numel = sum(p.numel() for p in MLP(args.hidden).parameters())
+    bucket_elements = int(args.bucket_mb * 2**20 / 4)
+
+    def build(**register):
+        torch.manual_seed(0)
+        ddp = DDP(MLP(args.hidden), bucket_cap_mb=args.bucket_mb)
+        if register:
+            sparsedist.register(ddp, "topk", **register)
+        else:
+            ddp.register_comm_hook(None, _local_hook)
+        return ddp, torch.optim.SGD(ddp.parameters(), lr=0.01)
+
+    compute = _steps(*build(), batches, args.warmup)
+    rows = []
+    for d in (float(x) for x in args.densities.split(",")):
+        exchange = _exchange_alone(args.hidden, d, batches, args.warmup, bucket_elements)
+        overlapped = _steps(*build(density=d), batches, args.warmup)
+        synchronous = _steps(*build(density=d, timeout=600.0), batches, args.warmup)
+        row = {"density": d, "parameters": numel, "ranks": world, "compute_s": compute, "exchange_s": exchange,
+               "overlapped_s": overlapped, "synchronous_s": synchronous,
+               "overlapped_vs_max": overlapped / max(compute, exchange),
+               "synchronous_vs_sum": synchronous / (compute + exchange)}
+        rows.append(row)
+        if rank == 0:
+            print(f"top-k {d:.3%}: compute {compute:.3f} s, exchange {exchange:.3f} s, overlapped step "
+                  f"{overlapped:.3f} s ({row['overlapped_vs_max']:.2f}x max), synchronous step {synchronous:.3f} s "
+                  f"({row['synchronous_vs_sum']:.2f}x sum)", flush=True)
+    if rank == 0 and args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    sparsedist.dist.shutdown()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
