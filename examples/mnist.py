@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import sparsedist
 import sparsedist.dist
 from sparsedist.hook import COLLECTIVES
+from sparsedist.integrations.tensorboard import StatsWriter
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist.npz"
 
@@ -146,6 +147,7 @@ def main(argv=None) -> dict:
                    help="with --eval-every: stop after the first evaluation at or above this test accuracy (%%)")
     p.add_argument("--json", type=Path, help="write the summary here (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", metavar="DIR", help="write stats() and the loss as TensorBoard scalars (rank 0)")
     args = p.parse_args(argv)
     if args.target_accuracy is not None and not args.eval_every:
         p.error("--target-accuracy needs --eval-every N (how often to measure the accuracy)")
@@ -177,6 +179,7 @@ def main(argv=None) -> dict:
             opts["backend"] = MPIBackend()
         state = sparsedist.register(ddp, args.compressor, **opts)
 
+    tb = StatsWriter(args.tensorboard, state)
     scheduler = None
     if args.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
@@ -212,6 +215,7 @@ def main(argv=None) -> dict:
             if scheduler is not None:
                 scheduler.step()
             step += 1
+            tb.log(step, loss=loss)
             if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
                 t_eval = time.perf_counter()
                 acc_now = evaluate(model, x_test, y_test, device)
@@ -249,6 +253,7 @@ def main(argv=None) -> dict:
         print(json.dumps(summary))
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2))
+    tb.close()
     sparsedist.dist.shutdown()
     return summary
 

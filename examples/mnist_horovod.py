@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsedist.horovod
+from sparsedist.integrations.tensorboard import StatsWriter
 from mnist import CNN, DEFAULT_DATA, MLP, compressor_options, evaluate, load_mnist
 
 
@@ -53,6 +54,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--json", type=Path, help="write the summary here (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", metavar="DIR", help="write stats() and the loss as TensorBoard scalars (rank 0)")
     args = p.parse_args(argv)
 
     hvd.init()
@@ -90,6 +92,7 @@ def main(argv=None) -> dict:
     if args.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     stats = getattr(optimizer, "stats", None)
+    tb = StatsWriter(args.tensorboard, optimizer if stats is not None else None, rank=rank)
     bar = None
     if rank == 0 and not args.quiet:
         try:
@@ -115,6 +118,7 @@ def main(argv=None) -> dict:
             if scheduler is not None:
                 scheduler.step()
             step += 1
+            tb.log(step, loss=loss)
             if bar is not None:
                 loss_value = 0.9 * loss_value + 0.1 * loss.item() if math.isfinite(loss_value) else loss.item()
                 postfix = {"loss": f"{loss_value:.3f}"}
@@ -123,6 +127,7 @@ def main(argv=None) -> dict:
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
     elapsed = time.perf_counter() - start
+    tb.close()
     if bar is not None:
         bar.close()
     acc = evaluate(model, x_test, y_test, device)

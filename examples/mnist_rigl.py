@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import sparsedist.dist  # noqa: E402
 import sparsedist.sparsity as sparsity  # noqa: E402
+from sparsedist.integrations.tensorboard import StatsWriter  # noqa: E402
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3}
 
@@ -65,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--tensorboard", metavar="DIR", help="write stats() and the loss as TensorBoard scalars (rank 0)")
     args = p.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
         p.error("--sparsity must be in [0, 1)")
@@ -163,6 +165,7 @@ def main(argv=None):
     if args.mask_aware:
         state = sparsedist.register(ddp, "none", masks=sparse)
 
+    tb = StatsWriter(args.tensorboard, state)
     n_train = x_train.shape[0]
     global_batch = args.batch_size * world
     per_epoch = n_train // global_batch
@@ -190,6 +193,7 @@ def main(argv=None):
         if sparse is not None:
             sparse.step()
         sched.step()
+        tb.log(step + 1, loss=loss)
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
         if progress is not None:
             progress.update(1)
@@ -198,6 +202,7 @@ def main(argv=None):
     if progress is not None:
         progress.close()
     train_time = time.time() - t0
+    tb.close()
 
     test_acc = accuracy(model, x_test, y_test)
     result = {
