@@ -60,6 +60,7 @@ import sparsedist.nn as snn
 from sparsedist.collectives.backend import ring_allreduce_bytes
 from sparsedist.datasets import tinyshakespeare
 from sparsedist.hook import COLLECTIVES
+from sparsedist.integrations.tensorboard import StatsWriter
 from sparsedist.sparsity import RigL
 
 
@@ -321,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", type=Path, help="train on this text file instead of the bundled tinyshakespeare")
     p.add_argument("--json", type=Path, help="write the summary here (rank 0)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--tensorboard", metavar="DIR", help="write stats() and the losses as TensorBoard scalars (rank 0)")
     fs = p.add_argument_group("fully sparse training (docs/fully_sparse.md)")
     fs.add_argument("--fully-sparse", action="store_true",
                     help="RigL weights + top-k MLP activations + meProp errors + mask-aware sparsified exchange")
@@ -421,6 +423,7 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
         if rigl is not None:
             opts["masks"] = rigl
         state = sparsedist.register(ddp, exchange, **opts)
+    tb = StatsWriter(args.tensorboard, state)
     label = ("fully-sparse " if args.fully_sparse else "") + exchange
     meter = mlp_activation_meter(model)
 
@@ -454,6 +457,7 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
         if rigl is not None:
             rigl.step()
         train_losses.append(loss.item())
+        tb.log(step, loss=train_losses[-1])
         smooth = train_losses[-1] if math.isnan(smooth) else 0.9 * smooth + 0.1 * train_losses[-1]
         if step % args.eval_every == 0 or step == args.steps:
             t_eval = time.perf_counter()
@@ -463,6 +467,7 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
                             "seconds": round(t_eval - start, 2),
                             "train_seconds": round(t_eval - start - eval_seconds, 3)})
             eval_seconds += time.perf_counter() - t_eval
+            tb.log(step, force=True, val_loss=val)
             if args.target_val_loss is not None and reached(val <= args.target_val_loss, device):
                 break
             if rank == 0:
@@ -477,6 +482,7 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
     if bar is not None:
         bar.close()
     meter.remove()
+    tb.close()
     summary = {"label": label, "fully_sparse": args.fully_sparse, "compressor": exchange, "world_size": world,
                "steps": step, "val_loss": history[-1]["val_loss"],
                "seconds": round(time.perf_counter() - start, 2),

@@ -78,6 +78,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     add_data_argument(p)
     p.add_argument("--json", type=Path, help="write the summary here (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", metavar="DIR", help="write stats() and the loss as TensorBoard scalars (rank 0)")
 
 
 def add_compressor_arguments(p: argparse.ArgumentParser) -> None:

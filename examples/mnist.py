@@ -28,6 +28,7 @@ from common import (CNN, MLP, Progress, add_compressor_arguments, add_training_a
                     epoch_order, evaluate, mnist_or_exit, report, train_step)
 from sparsedist.hook import COLLECTIVES
 from sparsedist.integrations.mpi import MPIBackend
+from sparsedist.integrations.tensorboard import StatsWriter
 
 
 def main(argv=None) -> dict:
@@ -75,6 +76,7 @@ def main(argv=None) -> dict:
             opts["backend"] = MPIBackend()
         state = sparsedist.register(ddp, args.compressor, **opts)
 
+    tb = StatsWriter(args.tensorboard, state)
     scheduler = None
     if args.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
@@ -96,6 +98,7 @@ def main(argv=None) -> dict:
             idx = order[b * args.batch_size:(b + 1) * args.batch_size]
             loss = train_step(ddp, optimizer, scheduler, x_train, y_train, idx, device)
             step += 1
+            tb.log(step, loss=loss)
             if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
                 t_eval = time.perf_counter()
                 acc_now = evaluate(model, x_test, y_test, device)
@@ -121,6 +124,7 @@ def main(argv=None) -> dict:
         if after_warmup is not None and s["bytes_sent"] > after_warmup[0]:
             summary["ratio_after_warmup"] = (s["bytes_dense"] - after_warmup[1]) / (s["bytes_sent"] - after_warmup[0])
     report(summary, s, rank, args.json)
+    tb.close()
     sparsedist.dist.shutdown()
     return summary
 

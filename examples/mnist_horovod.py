@@ -20,6 +20,7 @@ import horovod.torch as hvd
 import torch
 
 import sparsedist.horovod
+from sparsedist.integrations.tensorboard import StatsWriter
 from common import (CNN, MLP, Progress, add_compressor_arguments, add_training_arguments, compressor_options,
                     epoch_order, evaluate, mnist_or_exit, report, train_step)
 
@@ -68,6 +69,7 @@ def main(argv=None) -> dict:
     if args.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     stats = getattr(optimizer, "stats", None)
+    tb = StatsWriter(args.tensorboard, optimizer if stats is not None else None, rank=rank)
     bar = Progress(total_steps, f"mnist horovod {args.compressor}", rank == 0 and not args.quiet)
     step = 0
     start = time.perf_counter()
@@ -79,8 +81,10 @@ def main(argv=None) -> dict:
             idx = order[b * args.batch_size:(b + 1) * args.batch_size]
             loss = train_step(model, optimizer, scheduler, x_train, y_train, idx, device)
             step += 1
+            tb.log(step, loss=loss)
             bar.update(loss, None if stats is None or bar.bar is None else stats())
     elapsed = time.perf_counter() - start
+    tb.close()
     bar.close()
     acc = evaluate(model, x_test, y_test, device)
     summary = {"launcher": "horovodrun", "compressor": args.compressor, "world_size": world, "steps": step,

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import sparsedist.dist  # noqa: E402
 import sparsedist.sparsity as sparsity  # noqa: E402
 from common import Progress, add_data_argument, evaluate, mnist_or_exit  # noqa: E402
+from sparsedist.integrations.tensorboard import StatsWriter  # noqa: E402
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3}
 
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--tensorboard", metavar="DIR", help="write stats() and the loss as TensorBoard scalars (rank 0)")
     args = p.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
         p.error("--sparsity must be in [0, 1)")
@@ -116,6 +118,7 @@ def main(argv=None):
     if args.mask_aware:
         state = sparsedist.register(ddp, "none", masks=sparse)
 
+    tb = StatsWriter(args.tensorboard, state)
     n_train = x_train.shape[0]
     global_batch = args.batch_size * world
     per_epoch = n_train // global_batch
@@ -136,10 +139,12 @@ def main(argv=None):
         if sparse is not None:
             sparse.step()
         sched.step()
+        tb.log(step + 1, loss=loss)
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
         progress.update(loss)
     progress.close()
     train_time = time.time() - t0
+    tb.close()
 
     test_acc = evaluate(model, x_test, y_test, device) / 100
     result = {
