@@ -19,7 +19,7 @@ from .collectives.registry import OPTION_NAMES
 from .collectives.step_check import StepCheck
 from .compressors import COMPRESSORS, Compressor, build_compressor, compressor_options
 
-__all__ = ["ExchangeOptions", "STATE_OPTIONS", "split_options", "parse_dtype"]
+__all__ = ["ExchangeOptions", "STATE_OPTIONS", "split_options", "parse_dtype", "exchange_aware"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -63,7 +63,9 @@ class ExchangeOptions:
     seed: int = _doc("seed shared by all ranks, for shared-index randomness (default 0)", 0)
     masks: Any = _doc("a model-sparsity mask provider (e.g. sparsedist.RigL) for mask-aware exchange")
     grad_scaler: Any = _doc("the torch.amp.GradScaler in use, so residuals are kept in unscaled units")
-    optimizer: Any = _doc("the optimizer (required for DGC, to reject optimizers with their own momentum)")
+    optimizer: Any = _doc("the optimizer: required for DGC (to reject optimizers with their own momentum); an "
+                          "exchange-aware optimizer (sparsedist.optim.AdamW or SGD) makes the hook send its update "
+                          "instead of the gradient (optimizer.to_wire), densely during its warm-up")
     timeout: Any = _doc("seconds a collective may wait before raising an error naming the bucket (default: the "
                         "process group's timeout; with a timeout every exchange runs synchronously)")
     process_group: Any = _doc("torch.distributed process group (default: the global group)")
@@ -126,6 +128,11 @@ class ExchangeOptions:
         if compressor is not None and compressor.name == "dgc" and self.optimizer is None:
             raise ValueError("DGC applies momentum itself, so it needs the optimizer to check that the optimizer "
                              "has none: pass optimizer=your_optimizer (built with momentum=0)")
+        if exchange_aware(self.optimizer) and compressor is not None and (
+                compressor.name == "dgc" or compressor.needs_second_moment):
+            raise ValueError(f"{compressor.name} works on gradients (DGC applies its own momentum; variance-based "
+                             f"selection needs per-example gradient statistics), but {type(self.optimizer).__name__} "
+                             f"sends its update: use 'topk', 'randk' or 'threshold' with it, or a torch optimizer")
         if compressor is not None and compressor.needs_second_moment:
             if self.granularity != "layer":
                 raise ValueError(f"{compressor.name} selection keeps per-element state per parameter; use "
@@ -140,6 +147,12 @@ class ExchangeOptions:
         if self.collective != "auto" or compressor is None or wanted is False:
             return None
         return wanted if isinstance(wanted, StepCheck) else StepCheck()
+
+
+def exchange_aware(optimizer: Any) -> bool:
+    """True for an optimizer that defines what the exchange sends (``exchange_is_dense()`` and ``to_wire(p, grad)``,
+    the contract of :mod:`sparsedist.optim`)."""
+    return callable(getattr(optimizer, "to_wire", None)) and callable(getattr(optimizer, "exchange_is_dense", None))
 
 
 #: option name -> its documentation (the fields of :class:`ExchangeOptions`)

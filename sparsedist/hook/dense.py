@@ -27,6 +27,9 @@ def dense_exchange(state, view: BucketView, plan: Plan) -> torch.futures.Future:
     """Average ``view``'s buffer over ranks (flushing residuals first when ``plan.flush``); a future of it."""
     backend, buffer = state.backend, view.buffer
     started = time.perf_counter()
+    if plan.transform:  # an exchange-aware optimizer: its update takes the gradient's place, in the buffer
+        for p, g in zip(view.params, view.grads):
+            g.copy_(state.options.optimizer.to_wire(p, g.view(p.shape)).reshape(-1))
     flushed = _flush(state, view) if plan.flush else []
     before = (backend.bytes_sent, backend.bytes_received)
     step = state.step

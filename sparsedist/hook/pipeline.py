@@ -67,6 +67,9 @@ def accumulate(state, view: BucketView, plan: Plan, finite, scale: float) -> lis
     comp, feedback, masks = state.compressor, state.feedback, state.options.masks
     units: list[Unit] = []
     if finite is False:
+        if plan.transform:  # the optimizer learns of every parameter this step (a skipped step discards them)
+            for p, g in zip(view.params, view.grads):
+                state.options.optimizer.to_wire(p, g.view(p.shape))
         if not plan.shared:
             return units
         for p, g, off, name, pos in zip(view.params, view.grads, view.offsets, view.names, view.positions):
@@ -77,6 +80,8 @@ def accumulate(state, view: BucketView, plan: Plan, finite, scale: float) -> lis
                               index_map))
         return units
     for p, g, off, name, pos in zip(view.params, view.grads, view.offsets, view.names, view.positions):
+        if plan.transform:  # an exchange-aware optimizer: its update takes the gradient's place
+            g = state.options.optimizer.to_wire(p, g.view(p.shape)).reshape(-1)
         mask = None if masks is None else masks.mask_of(p)
         index_map = None
         if mask is not None and not plan.mask_dense:

@@ -21,6 +21,7 @@ from ..collectives.registry import EXACT_ALGORITHMS, make
 from ..collectives.tuner import AutoTuner
 from ..compressors.base import count_for_density
 from ..guard import check_parameters, fingerprint
+from ..options import exchange_aware
 from ..payload import accumulator_dtype
 from .units import BucketView
 
@@ -48,6 +49,8 @@ class Plan:
         timed: auto's tuner times this call (synchronous, measured).
         overlap: SPARSE and asynchronous: the payload has a size fixed by the configuration, so one collective is
             launched and decoding and the commit run in its callback (the backward pass continues meanwhile).
+        transform: an exchange-aware optimizer's sparse phase: each gradient is replaced by
+            ``optimizer.to_wire(p, grad)`` (its update) before anything else.
         count: SPARSE: the entries each rank sends at most (from the configuration), or None when it varies.
     """
 
@@ -62,6 +65,7 @@ class Plan:
     timed: bool = False
     overlap: bool = False
     count: int | None = None
+    transform: bool = False
 
 
 class Planner:
@@ -123,8 +127,11 @@ class Planner:
         masks = opts.masks
         mask_dense = masks is not None and bool(masks.needs_dense_gradient())
         asynchronous = state.backend.supports_async and not synchronous
+        transform = exchange_aware(opts.optimizer)
+        if transform and opts.optimizer.exchange_is_dense():  # its warm-up: raw gradients, averaged densely
+            return Plan(DENSE, "allreduce", wait=not asynchronous)
         if comp is None and masks is None or (mask_dense and not state.feedback.enabled):
-            return Plan(DENSE, "allreduce", mask_dense=mask_dense, wait=not asynchronous)
+            return Plan(DENSE, "allreduce", mask_dense=mask_dense, wait=not asynchronous, transform=transform)
         shared = mask_dense or comp is None or comp.shared_indices
         step_dense = not mask_dense and self.step_check is not None and (
             self.step_check.mode(state.step) == "dense" or self.moments_paused)
@@ -142,7 +149,8 @@ class Planner:
                          and accumulator_dtype(view.buffer.dtype) == view.buffer.dtype)
             in_place = comp.accumulates_plainly or (asynchronous and not timed and state.loss_scale() == 1.0)
             if flushable and in_place:
-                return Plan(DENSE, "dense", choice=choice, flush=True, wait=not asynchronous or timed, timed=timed)
+                return Plan(DENSE, "dense", choice=choice, flush=True, wait=not asynchronous or timed, timed=timed,
+                            transform=transform)
         shared = shared or sends_all
         if shared:
             collective = "allreduce" if mask_dense else "dense" if sends_all else "values_allreduce"
@@ -152,7 +160,7 @@ class Planner:
         fixed = shared or (count is not None and comp.count_bounded)  # shared indices: the same count everywhere
         overlap = asynchronous and opts.collective != "auto" and fixed and (shared or collective == "allgather")
         return Plan(SPARSE, collective, choice=choice, select=not (mask_dense or sends_all), mask_dense=mask_dense,
-                    shared=shared, wait=not overlap, timed=timed, overlap=overlap, count=count)
+                    shared=shared, wait=not overlap, timed=timed, overlap=overlap, count=count, transform=transform)
 
     def algorithm(self, state, view: BucketView, wire_dtype: torch.dtype) -> tuple[str, Choice | None]:
         """The collective for this bucket and step; identical on every rank (it depends on configuration and on

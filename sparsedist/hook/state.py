@@ -23,7 +23,7 @@ from ..collectives.backend import Backend, TorchBackend
 from ..compressors.base import Compressor, SelectContext
 from ..compressors.dgc import check_optimizer
 from ..feedback import ErrorFeedback
-from ..options import ExchangeOptions, split_options
+from ..options import ExchangeOptions, exchange_aware, split_options
 from ..second_moment import SecondMomentCollector
 from ..stats import Telemetry
 from .params import ParamIndex, named_parameters_of
@@ -245,6 +245,8 @@ class SparsifyState:
         out["auto_ratios"] = self.planner.tuner.ratios()
         step_check = self.planner.step_check
         out["step_check"] = None if step_check is None else step_check.report()
+        if exchange_aware(self.options.optimizer):  # its warm-up length, and whether it is over
+            out["optimizer"] = self.options.optimizer.stats()
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import torch
 
 from sparsedist.compressors import Compressor
 from sparsedist.hook import SparsifyState
-from sparsedist.options import split_options
+from sparsedist.options import exchange_aware, split_options
 
 from .horovod_backend import HorovodBackend, check_initialized, hvd
 
@@ -135,7 +135,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                              f"recursive doubling). Use 'allgather', 'ssar_split_allgather', 'dsar_split_allgather', "
                              f"'gtopk' or 'dense'")
         exchange = dataclasses.replace(exchange, backend=HorovodBackend(timeout=exchange.timeout),
-                                       optimizer=optimizer if comp is not None and comp.name == "dgc" else None)
+                                       optimizer=optimizer if exchange_aware(optimizer) or (
+                                           comp is not None and comp.name == "dgc") else None)
         self.optimizer = optimizer
         self.backward_passes_per_step = backward_passes_per_step
         self.sparsify_state = SparsifyState.from_options(module if module is not None else named, comp, exchange)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..collectives import TorchBackend, ring_allreduce_bytes, sparse_allreduce
-from ..feedback import all_finite
+from ..payload import all_finite
 from .base import ExchangeOptimizer
 
 __all__ = ["ReferenceExchange", "local_selection", "commit_residual"]
