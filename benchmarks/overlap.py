@@ -1,10 +1,13 @@
 """Does the sparse exchange hide behind the backward pass? Step times of top-k with and without overlap.
 
     sudo python launch/emulate_cluster.py -n 2 --rate 100mbit -- python benchmarks/overlap.py --json docs/overlap.json
-    torchrun --nproc_per_node=2 benchmarks/overlap.py --hidden 640 --steps 5          # loopback, small
+    torchrun --nproc_per_node=2 benchmarks/overlap.py --width 256 --depth 4 --steps 5     # loopback, small
 
-An MLP 784 -> H -> H -> 10 (H = 4600: 24.8M parameters; synthetic inputs, the shapes are what matter), batch 32
-per rank, SGD. Measured in one run, per density (1 % and 0.1 % by default), the median over ``--steps`` steps of
+A deep MLP, 784 -> W -> ... -> W -> 10 with ``--depth`` hidden layers (12 x 1450: 25.2M parameters; synthetic
+inputs, the shapes are what matter), batch 32 per rank, SGD, DDP buckets of ``--bucket-mb`` (4 MB: about one
+layer each). Overlap needs layers whose gradients arrive one after another: a bucket's exchange can hide only
+behind the backward pass of the layers before it (the first layer's bucket comes last and cannot hide at all), so
+the tail of the step is the last bucket's exchange. Measured in one run, per density (1 % and 0.1 % by default), the median over ``--steps`` steps of
 the slowest rank:
 
 * ``compute``: a training step whose hook returns the local gradient at once (no exchange at all);
@@ -39,14 +42,16 @@ from sparsedist.hook import FlatBucket
 
 
 class MLP(torch.nn.Module):
-    def __init__(self, hidden: int):
+    def __init__(self, width: int, depth: int):
         super().__init__()
-        self.fc1 = torch.nn.Linear(784, hidden)
-        self.fc2 = torch.nn.Linear(hidden, hidden)
-        self.fc3 = torch.nn.Linear(hidden, 10)
+        sizes = [784] + [width] * depth
+        self.hidden = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.out = torch.nn.Linear(width, 10)
 
     def forward(self, x):
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.out(x)
 
 
 def _local_hook(state, bucket):
@@ -73,10 +78,10 @@ def _steps(ddp, opt, batches, warmup: int) -> float:
     return _slowest(times)
 
 
-def _exchange_alone(hidden: int, density: float, batches, warmup: int, bucket_elements: int) -> float:
+def _exchange_alone(args, density: float, batches, bucket_elements: int) -> float:
     """The hook's exchange of real gradients, bucket after bucket, with nothing to overlap."""
     torch.manual_seed(0)
-    model = MLP(hidden)
+    model = MLP(args.width, args.depth)
     params = [p for p in model.parameters()][::-1]  # DDP's bucket order: the last layers' gradients first
     buckets, current = [], []
     for p in params:
@@ -96,31 +101,32 @@ def _exchange_alone(hidden: int, density: float, batches, warmup: int, bucket_el
         t0 = time.perf_counter()
         for j, (flat, b) in enumerate(zip(flats, buckets)):
             state.exchange(FlatBucket(flat, b, j, j == len(buckets) - 1)).wait()
-        if i >= warmup:
+        if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return _slowest(times)
 
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=4600, help="hidden width (4600: 24.8M parameters)")
+    ap.add_argument("--width", type=int, default=1450, help="hidden width")
+    ap.add_argument("--depth", type=int, default=12, help="hidden layers (12 x 1450: 25.2M parameters)")
     ap.add_argument("--batch", type=int, default=32, help="examples per rank and step")
     ap.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out at the start of each configuration")
     ap.add_argument("--densities", default="0.01,0.001")
-    ap.add_argument("--bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb")
+    ap.add_argument("--bucket-mb", type=float, default=4.0, help="DDP's bucket_cap_mb")
     ap.add_argument("--json", type=Path, help="rank 0 writes the rows here")
     args = ap.parse_args(argv)
     rank, world, _ = sparsedist.dist.init()
     g = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(args.batch, 784, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
                for _ in range(args.warmup + args.steps)]
-    numel = sum(p.numel() for p in MLP(args.hidden).parameters())
+    numel = sum(p.numel() for p in MLP(args.width, args.depth).parameters())
     bucket_elements = int(args.bucket_mb * 2**20 / 4)
 
     def build(**register):
         torch.manual_seed(0)
-        ddp = DDP(MLP(args.hidden), bucket_cap_mb=args.bucket_mb)
+        ddp = DDP(MLP(args.width, args.depth), bucket_cap_mb=args.bucket_mb)
         if register:
             sparsedist.register(ddp, "topk", **register)
         else:
@@ -130,7 +136,7 @@ def main(argv=None) -> list[dict]:
     compute = _steps(*build(), batches, args.warmup)
     rows = []
     for d in (float(x) for x in args.densities.split(",")):
-        exchange = _exchange_alone(args.hidden, d, batches, args.warmup, bucket_elements)
+        exchange = _exchange_alone(args, d, batches, bucket_elements)
         overlapped = _steps(*build(density=d), batches, args.warmup)
         synchronous = _steps(*build(density=d, timeout=600.0), batches, args.warmup)
         row = {"density": d, "parameters": numel, "ranks": world, "compute_s": compute, "exchange_s": exchange,

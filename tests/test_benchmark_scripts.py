@@ -3,6 +3,8 @@
 
 import importlib
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +113,23 @@ def test_density_sweep_end_to_end_smoke(tmp_path):
     assert topk["compressor"] == "topk" and ddp["compressor"] == "ddp"
     assert 0 < topk["bytes_sent"] < ddp["bytes_sent"] == topk["runs"][0]["bytes_dense"]
     assert (tmp_path / "density_sweep_mnist.png").exists()
+
+
+
+def test_overlap_benchmark_smoke(tmp_path):
+    """benchmarks/overlap.py on loopback, tiny: the four times and both ratios come out for each density."""
+    out = tmp_path / "overlap.json"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", str(ROOT / "benchmarks" / "overlap.py"), "--width", "64",
+                           "--depth", "3", "--steps", "2", "--warmup", "1", "--densities", "0.05,0.5",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["density"] for r in rows] == [0.05, 0.5] and all(r["ranks"] == 2 for r in rows)
+    for r in rows:
+        assert min(r["compute_s"], r["exchange_s"], r["overlapped_s"], r["synchronous_s"]) > 0
+        assert r["overlapped_vs_max"] == r["overlapped_s"] / max(r["compute_s"], r["exchange_s"])
