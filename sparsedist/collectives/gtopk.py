@@ -75,8 +75,9 @@ __all__ = ["GlobalTopK", "GlobalTopKResult", "GlobalTopKSum"]
 
 # threshold multipliers 2**(j/5) tried on a reuse call: 0.5x .. 4x in steps of 15 %
 _GRID = tuple(range(-5, 11))
-#: bytes per rank of the count allgather on a reuse call (int32: the grid's counts, the split load, k)
-COUNT_HEADER_BYTES = 4 * (len(_GRID) + 2)
+#: bytes per rank of the count allgather on a reuse call (int32: the grid's counts, the split load, the
+#: "sums not finite" flag, k)
+COUNT_HEADER_BYTES = 4 * (len(_GRID) + 3)
 
 
 
@@ -96,6 +97,8 @@ class GlobalTopKResult:
         threshold: the global magnitude threshold in force after this call (None if not yet known); on a reuse
             call, the one that selected ``indices``.
         bytes_sent, bytes_received: what this rank moved in this call (from the backend's counters).
+        finite: False if some rank's input or the sum is not finite (NaN/inf): then nothing is kept (empty
+            ``indices``/``values``, ``kept`` all False), every rank says so, and the state is as before the call.
     """
 
     indices: torch.Tensor
@@ -106,6 +109,7 @@ class GlobalTopKResult:
     threshold: float | None
     bytes_sent: int = 0
     bytes_received: int = 0
+    finite: bool = True
 
     @property
     def dropped(self) -> torch.Tensor:
@@ -205,6 +209,7 @@ class GlobalTopK:
         if backend is None:
             backend = TorchBackend(group)
         sent0, recv0 = backend.bytes_sent, backend.bytes_received
+        before = self.state_dict()  # restored if the sum turns out not to be finite
         idx, val, inverse = coalesce(indices, values)
         codec = Codec(numel, values.dtype, values.device)
         size = backend.size
@@ -226,6 +231,9 @@ class GlobalTopK:
             rel = touched.nonzero().view(-1)
             own_idx, own_val = rel + start, sums[rel].to(codec.dtype)
             exact = self.threshold is None or self.step % self.threshold_interval == 0
+            # a non-finite sum (some rank's input was not finite) is known to its owner only: the owner says so in
+            # the next collective every rank takes part in (the counts below, or the estimation's head)
+            bad = not all_finite(own_val)
             res = None
             if not exact:
                 # the reused threshold, refined by a count histogram: every owner counts its entries above
@@ -235,9 +243,12 @@ class GlobalTopK:
                 grid = torch.tensor([self.threshold * 2.0 ** (j / 5) for j in _GRID], dtype=torch.float64,
                                     device=mags.device)
                 mine = mags.numel() - torch.searchsorted(mags, grid)
-                totals = gather_counts(backend, mine.tolist() + [load], k, codec)
-                self._watch_load(totals)
-                totals = [c[:-1] for c in totals]
+                rows = gather_counts(backend, mine.tolist() + [load, int(bad)], k, codec)
+                if any(r[-1] for r in rows):
+                    return self._not_finite(before, indices, values, numel, backend, sent0, recv0)
+                rows = [r[:-1] for r in rows]
+                self._watch_load(rows)
+                totals = [c[:-1] for c in rows]
                 fits = [j for j in range(len(_GRID)) if sum(c[j] for c in totals) <= k]
                 total = sum(c[fits[0]] for c in totals) if fits else None
                 if total is None or total * self.count_tolerance < k:
@@ -249,6 +260,8 @@ class GlobalTopK:
                                            [c[fits[0]] for c in totals])
             if exact:
                 res = self._estimate(backend, codec, own_idx, own_val, k, load)
+                if res is None:
+                    return self._not_finite(before, indices, values, numel, backend, sent0, recv0)
                 if sum(self._last_counts) >= k:
                     self.threshold = float(magnitude(res[1]).double().min())
                 else:
@@ -269,11 +282,24 @@ class GlobalTopK:
     # ---------------------------------------------------------------------------------------------------
 
     def _estimate(self, backend: Backend, codec: Codec, own_idx: torch.Tensor, own_val: torch.Tensor, k: int,
-                  load: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact global top-k (:func:`~sparsedist.collectives.kselect.exact_top_k`); notes the counts and loads."""
-        idx, val, self._last_counts, loads = exact_top_k(backend, codec, own_idx, own_val, k, load)
+                  load: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The exact global top-k (:func:`~sparsedist.collectives.kselect.exact_top_k`); notes the counts and loads.
+        None if the sum is not finite."""
+        found = exact_top_k(backend, codec, own_idx, own_val, k, load)
+        if found is None:
+            return None
+        idx, val, self._last_counts, loads = found
         self._watch_load([[x] for x in loads])
         return idx, val
+
+    def _not_finite(self, before: dict, indices: torch.Tensor, values: torch.Tensor, numel: int, backend: Backend,
+                    sent0: int, recv0: int) -> GlobalTopKResult:
+        """Every rank learnt that the sum is not finite: nothing is kept, the state goes back to ``before``."""
+        self.load_state_dict(before)
+        empty = torch.empty(0, dtype=torch.int64, device=values.device)
+        return GlobalTopKResult(empty, values[:0], numel, torch.zeros(indices.numel(), dtype=torch.bool,
+                                                                      device=values.device), False, self.threshold,
+                                backend.bytes_sent - sent0, backend.bytes_received - recv0, finite=False)
 
     # ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -323,6 +349,8 @@ class GlobalTopKSum(Collective):
             values = torch.full((1,), float("nan"), dtype=values.dtype, device=values.device)
         result = self.topk(indices, values, numel, k, backend=backend)
         out = torch.zeros(numel, dtype=dtype or accumulator_dtype(values.dtype), device=values.device)
+        if not result.finite:  # every rank learnt it inside the algorithm: all skip the step together
+            return Reduced(out.fill_(float("nan")), False)
         scatter_add(out, result.indices, result.values)
         return Reduced(out, all_finite(out), kept=result.kept if finite else None)
 

@@ -43,7 +43,7 @@ def magnitude(val: torch.Tensor) -> torch.Tensor:
 
 
 def exact_top_k(backend: Backend, codec: Codec, own_idx: torch.Tensor, own_val: torch.Tensor, k: int,
-                load: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+                load: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]] | None:
     """The exact global top-k of the owners' range sums (ties to the lower index), by distributed selection.
 
     Every owner holds the exact sums of its range (``own_idx`` ascending, ``own_val``); the k-th largest
@@ -53,13 +53,16 @@ def exact_top_k(backend: Backend, codec: Codec, own_idx: torch.Tensor, own_val: 
     ``max(64, k // 16)`` entries lie inside. Those are allgathered (index and value) and every rank picks the
     same ``k - count(>= hi)`` largest of them; if the bracket cannot be split further (a tie of magnitudes),
     ranks take their tied entries in rank order, which is index order. The kept entries then travel in one
-    ring allgatherv, as on a reuse call. Volume: about ``k (P-1)/P`` entries plus ``O(rounds)`` counts, where
+    ring allgatherv, as on a reuse call. Returns None on every rank, after the first collective, if some owner's
+    sums are not finite (its largest magnitude, in the head every rank receives, is NaN or inf). Volume: about ``k (P-1)/P`` entries plus ``O(rounds)`` counts, where
     gathering every owner's top ``min(k, m_j)`` candidates would move up to ``(P-1) k`` entries per rank.
     """
     mags = magnitude(own_val).to(torch.float64)
     m = int(mags.numel())
     head = torch.tensor([m, float(mags.max()) if m else 0.0, load, k], dtype=torch.float64, device=mags.device)
     rows = backend.allgather(head).view(-1, 4).tolist()
+    if not all(math.isfinite(r[1]) for r in rows):
+        return None
     if len({int(r[3]) for r in rows}) != 1:
         raise ValueError(f"GlobalTopK: ranks passed different k ({sorted({int(r[3]) for r in rows})}); "
                          "k must be the same everywhere")

@@ -4,7 +4,9 @@
   :func:`sparsify_hook`, the free function DDP calls;
 * :mod:`.plan` -- the :class:`Planner`, which makes every per-step and per-bucket decision and returns a
   :class:`Plan`;
-* :mod:`.pipeline` -- one bucket's flow, top to bottom; :mod:`.dense` -- the one dense path;
+* :mod:`.pipeline` -- one bucket's flow, top to bottom; :mod:`.dense` -- the one dense path; :mod:`.rows` --
+  sparse (COO) gradients such as ``nn.Embedding(sparse=True)``'s, sent as they are;
+* :mod:`.usage` -- which parameters a step used (DDP's ``find_unused_parameters=True``);
 * :mod:`.units` and :mod:`.params` -- the pieces a bucket is cut into, and which parameter is which (by name).
 
 See docs/architecture.md.

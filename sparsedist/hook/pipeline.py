@@ -22,7 +22,8 @@ from ..collectives.dense import ValuesAllreduce
 from ..collectives.wire import MAX_PACKED_NUMEL
 from ..payload import SparseGrad, accumulator_dtype, all_finite, finite_flag
 from .dense import dense_exchange
-from .plan import DENSE, Plan
+from .plan import DENSE, ROWS, Plan
+from .rows import rows_exchange
 from .units import BucketView, Unit
 
 __all__ = ["exchange"]
@@ -34,10 +35,14 @@ def exchange(state, bucket: dist.GradBucket, synchronous: bool = False) -> torch
     if not state.in_step:
         state.in_step = True
         state.planner.begin_step(state, view)
+    if state.usage is not None and not view.sparse:  # DDP's find_unused_parameters: see .usage
+        view = state.usage.only_used(view, state.backend)
     plan = state.planner.plan(state, view, synchronous)
     try:
         if plan.route == DENSE:
             return dense_exchange(state, view, plan)
+        if plan.route == ROWS:
+            return rows_exchange(state, view, plan)
         scale = state.loss_scale()
         finite = finite_flag(view.buffer) if plan.overlap else all_finite(view.buffer)
         before = (state.backend.bytes_sent, state.backend.bytes_received)
@@ -146,14 +151,14 @@ def reduce(state, view: BucketView, units: list[Unit], plan: Plan, finite: bool,
     sends_all = not plan.select and not plan.mask_dense
     if plan.shared:
         in_order = sends_all and _contiguous(units, view.numel)  # every entry, in bucket order: no scatter
-        values = torch.cat([u.payload.values.to(wire) for u in units])
+        values = _values(units, view.buffer.device, wire)
         indices = None if in_order else _bucket_indices(units, view.buffer.device)
         reduced = ValuesAllreduce().reduce(indices, values, view.numel, backend, finite=finite, dtype=dtype)
         if sends_all:
             _record_time(state, layout, plan.collective, plan.choice, plan.timed, started, reduced.total)
         return reduced
     idx = _bucket_indices(units, view.buffer.device)
-    vals = torch.cat([u.payload.values for u in units]) if finite else view.buffer.new_empty(0, dtype=wire)
+    vals = _values(units, view.buffer.device) if finite else view.buffer.new_empty(0, dtype=wire)
     if plan.collective == "allgather":
         reduced = Allgather().reduce(idx, vals, view.numel, backend, finite=finite, dtype=dtype, wire_dtype=wire,
                                      constant=_packed_constant(units, view.numel))
@@ -173,8 +178,7 @@ def launch(state, view: BucketView, units: list[Unit], plan: Plan, finite) -> to
     wire, dtype = state.wire_dtype(view.buffer), accumulator_dtype(view.buffer.dtype)
     device = view.buffer.device
     idx = _bucket_indices(units, device)
-    vals = torch.cat([u.payload.values.to(wire) for u in units]) if units else torch.empty(0, dtype=wire,
-                                                                                          device=device)
+    vals = _values(units, device, wire)
     if plan.shared:
         return ValuesAllreduce().launch(idx, vals, view.numel, state.backend, finite=finite, dtype=dtype)
     return launch_fixed(state.backend, idx, vals, view.numel, plan.count, finite, dtype)
@@ -232,6 +236,13 @@ def _bucket_indices(units: list[Unit], device: torch.device) -> torch.Tensor:
     if not units:
         return torch.empty(0, dtype=torch.int64, device=device)
     return torch.cat([u.bucket_indices(u.payload.indices) for u in units])
+
+
+def _values(units: list[Unit], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The units' payload values in order (cast to ``dtype`` if given); empty when there are no units."""
+    if not units:
+        return torch.empty(0, dtype=dtype or torch.float32, device=device)
+    return torch.cat([u.payload.values if dtype is None else u.payload.values.to(dtype) for u in units])
 
 
 def _contiguous(units: list[Unit], numel: int) -> bool:

@@ -25,9 +25,9 @@ from ..options import exchange_aware
 from ..payload import accumulator_dtype
 from .units import BucketView
 
-__all__ = ["Plan", "Planner", "DENSE", "SPARSE"]
+__all__ = ["Plan", "Planner", "DENSE", "SPARSE", "ROWS"]
 
-DENSE, SPARSE = "dense", "sparse"
+DENSE, SPARSE, ROWS = "dense", "sparse", "rows"
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Plan:
 
     Attributes:
         route: ``DENSE`` -- the bucket buffer itself is averaged by one allreduce (residuals flushed into it first
-            when ``flush``); ``SPARSE`` -- accumulate, select, sum with ``collective``, commit.
+            when ``flush``); ``SPARSE`` -- accumulate, select, sum with ``collective``, commit; ``ROWS`` -- a
+            sparse (COO) gradient, whose rows are sent as they are (:mod:`.rows`).
         collective: what runs, as telemetry names it: ``"allreduce"`` (dense by configuration), ``"dense"``
             (auto's dense choice), ``"values_allreduce"`` (shared indices), or an algorithm of the registry.
         choice: auto's model choice (its predictions), or None.
@@ -114,12 +115,13 @@ class Planner:
         config = state.configuration(buffer)
         rows = state.backend.allgather(fingerprint(config).to(buffer.device)).cpu()
         self.verified = True
-        for i, key in enumerate(sorted(config)):
-            differ = [r for r in range(rows.shape[0]) if rows[r, i] != rows[0, i]]
-            if differ:
-                raise ValueError(f"sparsedist: the hook is configured differently across ranks: {key!r} on rank "
-                                 f"{state.backend.rank} is {config[key]!r} and differs between rank 0 and rank(s) "
-                                 f"{differ}. Every rank must call register() with the same compressor and options")
+        differ = {key: [r for r in range(rows.shape[0]) if rows[r, i] != rows[0, i]]
+                  for i, key in enumerate(sorted(config))}
+        what = [f"{key!r} on rank {state.backend.rank} is {config[key]!r} and differs between rank 0 and rank(s) "
+                f"{ranks}" for key, ranks in differ.items() if ranks]
+        if what:
+            raise ValueError("sparsedist: the hook is configured differently across ranks: " + "; ".join(what)
+                             + ". Every rank must call register() with the same compressor and options")
 
     # -- one bucket -----------------------------------------------------------------------------------------
     def plan(self, state, view: BucketView, synchronous: bool) -> Plan:
@@ -127,6 +129,8 @@ class Planner:
         masks = opts.masks
         mask_dense = masks is not None and bool(masks.needs_dense_gradient())
         asynchronous = state.backend.supports_async and not synchronous
+        if view.sparse and not (comp is None and masks is None):  # "none" stays plain DDP's sparse allreduce
+            return Plan(ROWS, "sparse_rows")
         transform = exchange_aware(opts.optimizer)
         if transform and opts.optimizer.exchange_is_dense():  # its warm-up: raw gradients, averaged densely
             return Plan(DENSE, "allreduce", wait=not asynchronous)
@@ -209,6 +213,8 @@ class Planner:
         if not view.bucket.is_last():
             return
         state.in_step = False
+        if state.usage is not None:
+            state.usage.end_step()
         state.telemetry.end_step()
         state.step += 1
         collector = state.second_moment

@@ -13,6 +13,7 @@ or in one line, ``state = sparsedist.register(ddp, "topk", density=0.01)``. The 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from typing import Any
 
@@ -29,6 +30,7 @@ from ..stats import Telemetry
 from .params import ParamIndex, named_parameters_of
 from .pipeline import exchange
 from .plan import Planner
+from .usage import ParamUsage, tracks_usage
 from .units import FlatBucket, Unit
 
 __all__ = ["SparsifyState", "sparsify_hook"]
@@ -83,6 +85,8 @@ class SparsifyState:
         self._optimizer_hook = None
         module, named = (None, None) if model is None else named_parameters_of(model)
         self.params = ParamIndex(named)
+        self.usage: ParamUsage | None = None
+        self._track_usage(model, named)
         self._attach_objects(module, **{k: getattr(opts, k) for k in _REATTACHED})
 
     # -- attaching what is not pickled ---------------------------------------------------------------------------
@@ -100,10 +104,17 @@ class SparsifyState:
             raise ValueError(f"this state was configured with {missing}; pass them to attach() again")
         module, named = named_parameters_of(model)
         self.params.attach(named)
+        self._track_usage(model, named)
         self.options = dataclasses.replace(self.options, masks=masks, grad_scaler=grad_scaler, optimizer=optimizer)
         self.planner.options = self.options
         self._attach_objects(module, masks, grad_scaler, optimizer)
         return self
+
+    def _track_usage(self, model: Any, named: list[tuple[str, torch.Tensor]] | None) -> None:
+        """With DDP's ``find_unused_parameters=True``, note which parameters each step uses (:mod:`.usage`)."""
+        if self.usage is not None:
+            self.usage.remove()
+        self.usage = ParamUsage(named) if tracks_usage(model) else None
 
     def _attach_objects(self, module: torch.nn.Module | None, masks: Any, grad_scaler: Any, optimizer: Any) -> None:
         self._configured = {"masks": masks is not None, "grad_scaler": grad_scaler is not None,
@@ -188,6 +199,8 @@ class SparsifyState:
         if collector is None or unit.key in self.full_keys:
             return None
         m = collector.pop(param)
+        if m is None and self.usage is not None and not self.usage.used_here(unit.key):
+            m = torch.zeros(param.numel(), dtype=unit.acc.dtype)  # unused here, used elsewhere: no gradient here
         if m is None:
             raise ValueError(f"no per-example gradient statistics for parameter {unit.key!r}: variance-based "
                              f"selection supports Linear, Conv and Embedding layers")
@@ -200,13 +213,15 @@ class SparsifyState:
         step_check = self.planner.step_check
         return {
             "compressor": None if comp is None else comp.name,
-            "compressor options": None if comp is None else comp.options(),
+            "compressor options": None if comp is None else _settings(comp),
             "error_feedback": self.feedback.enabled,
             "value_dtype": str(opts.value_dtype),
             "granularity": opts.granularity,
             "dense_below": opts.dense_below,
             "seed": opts.seed,
             "masks (mask-aware exchange)": opts.masks is not None,
+            "grad_scaler (loss scaling)": opts.grad_scaler is not None and opts.grad_scaler.is_enabled(),
+            "find_unused_parameters (usage exchange)": self.usage is not None,
             "collective": opts.collective,
             "timeout (synchronous exchange)": opts.timeout is not None,
             "check_every": opts.check_every,
@@ -284,7 +299,7 @@ class SparsifyState:
         s = self.__dict__.copy()
         s["options"] = dataclasses.replace(self.options, process_group=None, backend=None, masks=None,
                                            grad_scaler=None, optimizer=None)
-        for key in ("_backend", "_optimizer_hook", "second_moment", "module"):
+        for key in ("_backend", "_optimizer_hook", "second_moment", "module", "usage"):
             s[key] = None
         s["_active"] = {}
         s["planner"] = Planner(s["options"], self.compressor)
@@ -296,6 +311,13 @@ class SparsifyState:
         self.__dict__.update(state)
         self.planner.load_state_dict(planner_state)
         self.planner.verified = False  # the configuration is checked again on the next first step
+
+
+def _settings(comp: Compressor) -> dict[str, Any]:
+    """A compressor's options, and every constructor argument it keeps under the argument's name (so that one
+    its ``options()`` leaves out cannot differ across ranks unnoticed)."""
+    kept = {name: getattr(comp, name) for name in inspect.signature(type(comp)).parameters if hasattr(comp, name)}
+    return {**kept, **comp.options()}
 
 
 def sparsify_hook(state: SparsifyState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 
@@ -57,6 +59,8 @@ class BucketView:
         names: their names (the state keys); ``positions``: their positions in the model (seeded randomness).
         grads: flat views ``(n_i,)`` of each parameter's gradient inside ``buffer``; ``offsets``: where each starts.
         layout: ``(bucket index, numel)``, the key of per-bucket state (DDP rebuilds buckets after step 0).
+        sparse: the bucket holds one parameter's sparse (COO) gradient (``nn.Embedding(sparse=True)``): ``buffer``
+            is that gradient, ``(num_rows, ...)``, and ``grads``/``offsets`` are empty.
     """
 
     def __init__(self, bucket: dist.GradBucket, params_index) -> None:
@@ -66,14 +70,22 @@ class BucketView:
         entries = [params_index.of(p) for p in self.params]
         self.positions = [i for i, _ in entries]
         self.names = [n for _, n in entries]
-        base, esize = self.buffer.data_ptr(), self.buffer.element_size()
-        self.grads = [g.reshape(-1) for g in bucket.gradients()]
+        self.sparse = self.buffer.is_sparse
+        self.grads = [] if self.sparse else [g.reshape(-1) for g in bucket.gradients()]
+        base, esize = (0, 1) if self.sparse else (self.buffer.data_ptr(), self.buffer.element_size())
         self.offsets = [(g.data_ptr() - base) // esize for g in self.grads]
         self.layout = (bucket.index(), self.buffer.numel())
 
     @property
     def numel(self) -> int:
         return self.buffer.numel()
+
+    def subset(self, keep: list[bool]) -> "BucketView":
+        """The same bucket with only the parameters where ``keep`` is True (the buffer stays whole)."""
+        view = copy.copy(self)
+        for attr in ("params", "positions", "names", "grads", "offsets"):
+            setattr(view, attr, [x for x, k in zip(getattr(self, attr), keep) if k])
+        return view
 
 
 class Unit:
