@@ -23,7 +23,8 @@ The keys of :meth:`Telemetry.as_dict` are public API:
     steps on which some rank had a non-finite gradient (the result was NaN, residuals untouched).
 ``collectives``
     how many times each exchange path was used, e.g. ``{"allgather": 120, "allreduce": 3}``. Under
-    ``collective="auto"``, ``"dense"`` counts buckets that auto sent in full (no selection, residual flushed).
+    ``collective="auto"``, ``"dense"`` counts buckets that auto sent in full (no selection, residual flushed);
+    ``"sparse_rows"`` counts buckets of sparse gradients (``nn.Embedding(sparse=True)``) exchanged as they are.
 ``buckets`` / ``overlapped``
     bucket exchanges so far, and how many of them ran asynchronously, overlapped with the rest of the backward
     pass (plain DDP's dense allreduce; fixed-count sparse exchanges: top-k, DGC, rand-k and mask-aware selection

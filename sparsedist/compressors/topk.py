@@ -150,4 +150,4 @@ class TopKCompressor(FixedDensityCompressor):
             self._generator.set_state(state["generator"])
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "mode": self.mode}
+        return {**super().options(), "mode": self.mode, "sample_ratio": self.sample_ratio}
