@@ -1,0 +1,5 @@
+"""Optimizer-side pieces: packed optimizer state for masked parameters (:mod:`.packed`)."""
+
+from .packed import PackedAdam, PackedAdamW, PackedOptimizer, PackedSGD
+
+__all__ = ["PackedOptimizer", "PackedAdam", "PackedAdamW", "PackedSGD"]
