@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsedist.optim import PackedAdam, PackedAdamW, PackedOptimizer, PackedSGD
+from sparsedist.optim import PackedAdam, PackedAdamW, PackedOptimizer, PackedSGD, repack
 from sparsedist.sparsity import RigL, StaticSparsity
 
 STEPS = 16  # RigL updates at steps 4 and 8 (stop at 12)
@@ -126,3 +126,10 @@ def test_bad_arguments():
         PackedOptimizer(ps, "adam", amsgrad=True)
     with pytest.raises(TypeError, match="mask_of"):
         PackedAdamW(ps).attach_masks(object())
+
+
+def test_repack_moves_values_with_their_positions():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = repack(values, torch.tensor([1, 4, 6, 9], dtype=torch.int32), torch.tensor([0, 4, 5, 9]))
+    assert torch.equal(out, torch.tensor([0.0, 2.0, 0.0, 4.0]))
+    assert repack(values[:0], torch.tensor([], dtype=torch.long), torch.tensor([3])).tolist() == [0.0]

@@ -12,9 +12,11 @@ Memory that shrinks with density (optimizer state on the active weights only) is
 """
 
 from .layout import ShardLayout, Slot, managed_parameters
+from .memory import storage_bytes, training_memory
 from .residuals import CompactFeedback
 from .rigl import ShardedRigL, regrow
 from .state import FSDPSparsifyState, SparseReduceScatter, register_fsdp
 
 __all__ = ["register_fsdp", "FSDPSparsifyState", "SparseReduceScatter", "ShardLayout", "Slot",
-           "managed_parameters", "CompactFeedback", "ShardedRigL", "regrow"]
+           "managed_parameters", "CompactFeedback", "ShardedRigL", "regrow",
+           "training_memory", "storage_bytes"]

@@ -61,8 +61,9 @@ def reduce_scatter(state, layout: ShardLayout, out: torch.Tensor, inp: torch.Ten
         ok = _dense(state, layout, out, inp, group, op, backend)
         sent = total if ok else 0
     else:
+        actives = [state.active_positions(s) for s in layout.slots]  # may gather masks: on every rank
         finite = all_finite(inp)
-        units = accumulate(state, layout, inp) if finite else []
+        units = accumulate(state, layout, inp, actives) if finite else []
         select(state, units)
         wire = state.options.value_dtype or inp.dtype
         idx, val = _positions(layout, units, wire, inp.device)
@@ -84,13 +85,12 @@ def reduce_scatter(state, layout: ShardLayout, out: torch.Tensor, inp: torch.Ten
     state.telemetry.record_finite(state.step, ok)
 
 
-def accumulate(state, layout: ShardLayout, inp: torch.Tensor) -> list[Unit]:
-    """Each parameter's local gradient (packed to its active weights) plus its residual."""
+def accumulate(state, layout: ShardLayout, inp: torch.Tensor, actives: list) -> list[Unit]:
+    """Each parameter's local gradient (packed to its active weights ``actives[i]``) plus its residual."""
     comp, scale = state.compressor, state.loss_scale()
     units = []
-    for i, slot in enumerate(layout.slots):
+    for i, (slot, active) in enumerate(zip(layout.slots, actives)):
         g = layout.gradient(inp, slot)
-        active = state.active_positions(slot)
         if active is not None:
             g = g[active]
         residual = state.feedback.get(slot.name, g, scale)
@@ -151,10 +151,10 @@ def _dense(state, layout: ShardLayout, out: torch.Tensor, inp: torch.Tensor, gro
     flushed = []
     if state.feedback.enabled:
         for slot in layout.slots:
+            active = state.active_positions(slot)  # may gather masks: on every rank, residual or not
             r = state.feedback.residuals.get(slot.name)
             if r is None:
                 continue
-            active = state.active_positions(slot)
             full = r.new_zeros(slot.numel) if active is not None else None
             if full is not None:
                 full[active.long()] = r
@@ -164,13 +164,15 @@ def _dense(state, layout: ShardLayout, out: torch.Tensor, inp: torch.Tensor, gro
     n = reduce_scatter_bytes(layout.numel, inp.element_size(), layout.world_size)
     backend.bytes_sent += n
     backend.bytes_received += n
-    ok = state.agree(all_finite(inp), group=group)
+    # with residuals kept, every rank must agree whether they are spent (a collective: decided by the
+    # configuration, the same on every rank); without, FSDP's own semantics
+    ok = state.agree(all_finite(inp), group=group) if state.feedback.enabled else all_finite(out)
     if ok:
         for name in flushed:
             state.feedback.residuals.pop(name, None)
             if state.compressor is not None:
                 state.compressor.after_send_all(name)
-    else:
+    elif state.feedback.enabled:
         out.fill_(float("nan"))
     return ok
 

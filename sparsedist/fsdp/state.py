@@ -25,6 +25,7 @@ from torch import nn
 from ..collectives.backend import TorchBackend
 from ..compressors.base import Compressor, SelectContext
 from ..compressors.dgc import check_optimizer
+from ..optim.packed import repack
 from ..options import split_options
 from ..stats import Telemetry
 from .exchange import reduce_scatter
@@ -173,6 +174,10 @@ class FSDPSparsifyState:
                                       shape=param.shape, stride=param.stride()).full_tensor()
         idx = mask.reshape(-1).nonzero().view(-1)
         idx = idx.to(torch.int32) if slot.numel < 2**31 else idx
+        residual = self.feedback.residuals.get(slot.name)
+        if cached is not None and residual is not None and residual.numel() == cached[1].numel():
+            # not flushed by a dense step (it overflowed): follow the weights that stay active
+            self.feedback.residuals[slot.name] = repack(residual, cached[1], idx)
         self._active[slot.name] = (version, idx)
         return idx
 

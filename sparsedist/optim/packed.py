@@ -41,10 +41,22 @@ try:
 except ImportError:  # pragma: no cover - old torch
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["PackedOptimizer", "PackedAdam", "PackedAdamW", "PackedSGD"]
+__all__ = ["PackedOptimizer", "PackedAdam", "PackedAdamW", "PackedSGD", "repack"]
 
 _ALGORITHMS = ("adam", "adamw", "sgd")
 _PACKED_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+
+def repack(values: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Values packed at sorted positions ``old`` re-packed at sorted positions ``new``: a position in both keeps
+    its value, a new one gets 0, one that left is dropped. ``(len(new),)``, ``values``' dtype."""
+    old, new = old.long(), new.long()
+    out = values.new_zeros(new.numel())
+    if old.numel():
+        at = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
+        hit = old[at] == new
+        out[hit] = values[at[hit]]
+    return out
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -122,18 +134,9 @@ class PackedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _repack(state: dict, old: torch.Tensor, new: torch.Tensor) -> None:
-        """Move packed slots from positions ``old`` to ``new`` (sorted): kept ones keep values, new ones are 0."""
-        if old.numel():
-            at = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
-            hit = old[at] == new
         for key in _PACKED_KEYS:
-            t = state.get(key)
-            if t is None:
-                continue
-            out = t.new_zeros(new.numel())
-            if old.numel():
-                out[hit] = t[at[hit]]
-            state[key] = out
+            if state.get(key) is not None:
+                state[key] = repack(state[key], old, new)
 
     # -- gradients ---------------------------------------------------------------------------------------
     @torch.no_grad()
