@@ -34,11 +34,16 @@ whose gradient overflowed sends NaN, so every rank skips) and the optimizer stat
 
 **Telemetry.** ``optimizer.stats()``: ``warmup_steps``, ``warmup_over``, ``steps``, ``dense_steps``,
 ``sparse_steps``, ``lr_changed_after_backward``.
+
+**Packed optimizer state.** :mod:`.packed` (``PackedAdamW``, ``PackedAdam``, ``PackedSGD``) keeps the state of
+masked parameters on their active weights only, so optimizer memory shrinks with model density (docs/fsdp.md).
 """
 
 from .adamw import AdamW
 from .base import ExchangeOptimizer
+from .packed import PackedAdam, PackedAdamW, PackedOptimizer, PackedSGD, repack
 from .reference import ReferenceExchange, commit_residual, local_selection
 from .sgd import SGD
 
-__all__ = ["AdamW", "SGD", "ExchangeOptimizer", "ReferenceExchange", "local_selection", "commit_residual"]
+__all__ = ["AdamW", "SGD", "ExchangeOptimizer", "ReferenceExchange", "local_selection", "commit_residual",
+           "PackedOptimizer", "PackedAdam", "PackedAdamW", "PackedSGD", "repack"]
