@@ -13,10 +13,13 @@ The public API is small:
 * :mod:`sparsedist.guard` — cross-rank consistency checks;
 * :mod:`sparsedist.sparsity` — model sparsity: :class:`RigL`, :class:`SET`, :class:`StaticSparsity`, whose masks
   the hook can use for mask-aware exchange (``register(ddp, "none", masks=rigl)``);
-* :mod:`sparsedist.nn` — ephemeral sparsity: top-k / threshold activations, meProp sparse back-propagation.
+* :mod:`sparsedist.nn` — ephemeral sparsity: top-k / threshold activations, meProp sparse back-propagation;
+* :mod:`sparsedist.optim` — exchange-aware optimizers (the hook sends their update: AdamW, SGD) and packed
+  optimizer state for masked parameters;
+* :mod:`sparsedist.fsdp` — the sparse reduce-scatter for FSDP2 (``fully_shard``) and RigL with sharded masks.
 """
 
-from . import checkpoint, collectives, compressors, dist, guard, nn, sparsity
+from . import checkpoint, collectives, compressors, dist, fsdp, guard, nn, optim, sparsity
 from .hook import SparsifyState, sparsify_hook
 from .payload import SparseGrad
 from .register import register
@@ -25,4 +28,4 @@ from .sparsity import SET, RigL, StaticSparsity
 __version__ = "0.1.0"
 
 __all__ = ["register", "SparsifyState", "sparsify_hook", "SparseGrad", "compressors", "collectives", "checkpoint",
-           "dist", "guard", "nn", "sparsity", "RigL", "SET", "StaticSparsity", "__version__"]
+           "dist", "guard", "nn", "optim", "fsdp", "sparsity", "RigL", "SET", "StaticSparsity", "__version__"]

@@ -88,3 +88,14 @@ def test_examples_without_mnist_stop_with_how_to_get_it(tmp_path):
         assert proc.returncode == 1, (script, proc.stderr[-2000:])
         assert str(missing) in proc.stderr and "torchvision.datasets.MNIST" in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_char_gpt_fsdp_sparse_smoke(tmp_path):
+    """examples/char_gpt_fsdp.py --sparse: FSDP2 + RigL + packed AdamW + the sparse reduce-scatter, 2 ranks."""
+    out = tmp_path / "summary.json"
+    _torchrun("char_gpt_fsdp.py", "--sparse", "--steps", "6", "--eval-every", "3", "--eval-batches", "2",
+              "--width", "32", "--layers", "1", "--rigl-every", "2", "--quiet", "--json", str(out))
+    s = json.loads(out.read_text())
+    assert s["world_size"] == 2 and s["steps"] == 6
+    assert 0 < s["exchange"]["bytes_sent"] < s["exchange"]["bytes_dense"]
+    assert 0.85 < s["weight_sparsity"] < 0.95
