@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["ExchangeOptimizer"]
+__all__ = ["ExchangeOptimizer", "closure_loss"]
+
+
+def closure_loss(closure) -> Any:
+    """What ``torch.optim`` optimizers do with a closure before stepping: call it with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 class ExchangeOptimizer(torch.optim.Optimizer):
@@ -100,10 +108,7 @@ class ExchangeOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step on ``p.grad`` as the exchange left it (see :mod:`sparsedist.optim`)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         dense = self.exchange_is_dense()
         lr_changed = False
         if dense and self.max_grad_norm is not None:

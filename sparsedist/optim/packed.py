@@ -36,6 +36,8 @@ import torch
 from torch.optim.adam import adam as _adam
 from torch.optim.sgd import sgd as _sgd
 
+from .base import closure_loss
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - old torch
@@ -176,10 +178,7 @@ class PackedOptimizer(torch.optim.Optimizer):
     # -- step --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             work, writes = [], []
             for p in group["params"]:
