@@ -15,11 +15,9 @@ import sys
 from pathlib import Path
 
 from . import dist as sd_dist
-from .collectives import TorchBackend, probe
+from .collectives import TorchBackend
 from .estimate import (DEFAULT_DENSITIES, WIRE_EFFICIENCY, as_dicts, estimate, format_rows, link_model, measure,
-                       parse_count, parse_rate, parse_seconds, verdict)
-
-PROBE_SIZES = (1, 2**12, 2**16, 2**20, 2**22)  # fp32 elements per timed allreduce
+                       parse_count, parse_rate, parse_seconds, probe_model, verdict)
 
 
 def _densities(text: str) -> list[float]:
@@ -92,9 +90,7 @@ def estimate_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--measure times exchanges among this job's {world} ranks; drop --ranks {args.ranks}")
     ranks = args.ranks or world
     try:
-        # probe sizes up to 16 MB: an emulated link's token bucket lets the first ~10 ms of traffic through at
-        # full speed, so smaller messages alone would overstate the bandwidth
-        model = probe(backend, sizes=PROBE_SIZES, repeats=3) if args.probe else \
+        model = probe_model(backend, args.params, bucket_mb=args.bucket_mb) if args.probe else \
             link_model(args.link, args.latency, args.efficiency)
         rows = estimate(args.params, ranks, model, args.densities, bucket_mb=args.bucket_mb,
                         memory_gbps=args.memory_gbps)
@@ -107,6 +103,9 @@ def estimate_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if rank == 0:
         link = (f"probed: alpha {model.alpha * 1e6:.1f} us, beta {8 / model.beta / 1e9:.3g} Gbit/s payload"
                 if args.probe else f"{args.link / 1e9:g} Gbit/s each way, {args.latency * 1e6:g} us per message")
+        if args.probe and model.call_beta:
+            link += " (per primitive: " + ", ".join(f"{kind} {8e-9 / b if b else float('inf'):.3g}"
+                                                    for kind, b in model.call_beta.items()) + " Gbit/s)"
         print(f"{args.params / 1e6:g}M fp32 parameters, {ranks} ranks, {link}; selection at {args.memory_gbps:g} GB/s "
               f"per pass over the gradient (--memory-gbps: 4 is one CPU core, ~1000 a GPU)")
         print(format_rows(rows))

@@ -15,12 +15,17 @@ The exchange of a compressor is fixed by its wire format (:mod:`sparsedist.colle
 
 Gradients are split into DDP's buckets (``bucket_mb``, 25 MB by default), each exchanged on its own (a message
 latency per bucket). Supports of different ranks are taken as independent and uniform (the model's default;
-real gradients overlap more, which favours SparCML's algorithms). Not modelled: the selection itself (top-k costs
-1.3-2.1 passes over the gradient, docs/selection.md), the overlap of DDP's dense allreduce with the backward pass
-(a sparse exchange runs synchronously in the hook), and the extra steps error feedback may need to reach the same
-loss. ``--probe`` replaces the configured link by measured ``alpha``/``beta``/local-work terms (a collective call
-under a launcher); ``--measure`` times the same exchanges on the running process group, so the model can be
-checked against the cluster (docs/estimate.md).
+real gradients overlap more, which favours SparCML's algorithms). The selection is charged as passes over the
+gradient (:data:`SELECT_PASSES`, docs/selection.md). With a compute time, the verdict accounts for overlap with
+the backward pass: DDP's dense allreduce overlaps it, and so do the fixed-count exchanges (top-k and DGC through
+the allgather, rand-k's values allreduce; :attr:`Row.overlap`), while variable counts (threshold, variance,
+Wangni's rand-k), SparCML's algorithms and the global top-k run synchronously in the hook (docs/architecture.md).
+Not modelled: the extra steps error feedback may need to reach the same loss.
+
+``--probe`` replaces the configured link by a measured model (:func:`probe_model`: ``alpha``/``beta``, each
+primitive's own seconds per call and per byte, local work at the bucket's size; a collective call under a
+launcher); ``--measure`` times the same exchanges on the running process group, so the model can be checked
+against the cluster (docs/estimate.md).
 """
 
 from __future__ import annotations
@@ -29,14 +34,17 @@ import math
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .collectives import Backend, CostModel, sparse_allreduce
+from .collectives import Backend, CostModel, probe, sparse_allreduce
+from .collectives.allgather import Allgather
+from .collectives.dense import ValuesAllreduce
 
-__all__ = ["Row", "parse_count", "parse_rate", "parse_seconds", "link_model", "estimate", "measure", "verdict",
-           "format_rows", "as_dicts", "buckets", "SPARSE_COLLECTIVES", "SELECT_PASSES", "DEFAULT_DENSITIES"]
+__all__ = ["Row", "parse_count", "parse_rate", "parse_seconds", "link_model", "probe_model", "estimate", "measure",
+           "verdict", "format_rows", "as_dicts", "buckets", "SPARSE_COLLECTIVES", "SELECT_PASSES",
+           "DEFAULT_DENSITIES", "PROBE_SIZES"]
 
 #: Collectives of index-carrying payloads (the hook's ``collective=`` values besides ``"auto"`` and ``"dense"``).
 SPARSE_COLLECTIVES = ("allgather", "ssar_recursive_double", "ssar_split_allgather", "dsar_split_allgather")
@@ -44,6 +52,10 @@ DEFAULT_DENSITIES = (0.001, 0.01, 0.1)
 #: Passes over the gradient a selection costs (docs/selection.md, 25M fp32 on one core): top-k, DGC and threshold
 #: 1.3-2.1, rand-k's shared k-subset 0.1-0.4 (the middle of each range).
 SELECT_PASSES = {"indexed": 1.7, "shared": 0.25}
+#: fp32 elements per timed allreduce of ``--probe`` (:func:`probe_model` caps them at the largest bucket, keeping at
+#: least 4 MB): an emulated link's token bucket lets the first ~10 ms of traffic through at full speed, so small
+#: messages alone would overstate the bandwidth.
+PROBE_SIZES = (1, 2**12, 2**16, 2**20, 2**22)
 #: TCP payload per byte of link rate: 1448 payload bytes per 1514-byte Ethernet frame (IPv4, TCP timestamps).
 WIRE_EFFICIENCY = 1448 / 1514
 
@@ -94,13 +106,31 @@ def link_model(rate_bps: float, latency_s: float = 20e-6, efficiency: float = WI
     return CostModel(alpha=latency_s, beta=8.0 / (rate_bps * efficiency))
 
 
+def probe_model(backend: Backend, numel: int, *, bucket_mb: float = 25.0, repeats: int = 3) -> CostModel:
+    """The model of ``--probe``, measured on ``backend`` (a collective call: every rank, same arguments).
+
+    :func:`sparsedist.collectives.probe` with allreduces of :data:`PROBE_SIZES` up to the largest bucket (at least
+    ``2**20`` elements), each primitive's own seconds per byte (``call_beta``) and the local-work terms timed at
+    the largest bucket's length (``work_numel``): gloo's allgather and its concurrent send/recv need not reach
+    the link rate its ring allreduce reaches, and a scatter-add into a real bucket misses caches that the default
+    small kernels hit (docs/estimate.md).
+    """
+    largest = max(buckets(numel, 4, bucket_mb))
+    top = min(PROBE_SIZES[-1], max(2**20, largest))
+    sizes = tuple(sorted({s for s in PROBE_SIZES if s < top} | {top}))
+    return probe(backend, sizes=sizes, repeats=repeats, call_beta=True, work_numel=largest)
+
+
 @dataclass
 class Row:
     """One exchange: what is sent (``exchange``), at which ``density``, by which ``collective``.
 
     ``bytes``: bytes on the critical path of one rank per step; ``predicted_s`` / ``measured_s``: seconds per
     step of the exchange (all buckets); ``measured_s`` is None until :func:`measure` fills it; ``select_s``: the
-    selection's seconds per step, from passes over the gradient at the host's memory bandwidth (not measured).
+    selection's seconds per step, from passes over the gradient at the host's memory bandwidth (not measured);
+    ``overlap``: the hook launches this exchange asynchronously, overlapped with the backward pass, for the
+    fixed-count compressors of the row (top-k and DGC through the allgather, rand-k's values allreduce; without a
+    ``timeout``); every other exchange runs synchronously in the hook.
     """
 
     exchange: str
@@ -110,6 +140,7 @@ class Row:
     predicted_s: float
     select_s: float = 0.0
     measured_s: float | None = None
+    overlap: bool = False
 
 
 def buckets(numel: int, value_bytes: int = 4, bucket_mb: float = 25.0) -> list[int]:
@@ -162,6 +193,10 @@ def estimate(numel: int, world_size: int, model: CostModel, densities=DEFAULT_DE
     def dense(b: int, vb: int):
         return model.predict(b, b, P, value_bytes=vb, algorithms=("dense",))["dense"]
 
+    def shared(b: int, k: int):  # the allreduce of k values, then their scatter into the zeroed bucket
+        pred = dense(k, 4)
+        return replace(pred, time=pred.time + model.gamma * k + model.gamma_dense * b)
+
     rows = [Row("dense allreduce (DDP)", 1.0, "ring allreduce", *_sum(parts, lambda b: dense(b, 4))),
             Row("fp16 allreduce", 1.0, "ring allreduce", *_sum(parts, lambda b: dense(b, 2)))]
     names = SPARSE_COLLECTIVES + (("gtopk",) if gtopk else ())
@@ -169,12 +204,12 @@ def estimate(numel: int, world_size: int, model: CostModel, densities=DEFAULT_DE
         for name in names:
             rows.append(Row(INDEXED if name != "gtopk" else "topk, dgc", d, name, *_sum(
                 parts, lambda b: model.predict(b, _count(b, d), P, value_bytes=4, algorithms=(name,))[name]),
-                select_s=SELECT_PASSES["indexed"] * one_pass))
+                select_s=SELECT_PASSES["indexed"] * one_pass, overlap=name == "allgather"))
         rows.append(Row(PACKED, d, "allgather", *_sum(parts, lambda b: model.predict(
             b, _count(b, d), P, value_bytes=4, index_bytes=0, algorithms=("allgather",))["allgather"]),
             select_s=SELECT_PASSES["indexed"] * one_pass))
-        rows.append(Row(SHARED, d, "values allreduce", *_sum(parts, lambda b: dense(_count(b, d), 4)),
-                        select_s=SELECT_PASSES["shared"] * one_pass))
+        rows.append(Row(SHARED, d, "values allreduce", *_sum(parts, lambda b: shared(b, _count(b, d))),
+                        select_s=SELECT_PASSES["shared"] * one_pass, overlap=True))
     return rows
 
 
@@ -187,10 +222,13 @@ def verdict(rows: list[Row], compute_s: float | None = None, margin: float = 0.1
     """A plain sentence: does the fastest sparse exchange, selection included, beat dense allreduce (or fp16) by
     more than ``margin``?
 
-    With ``compute_s`` (forward + backward + optimizer seconds per step) the comparison is per step: dense DDP
-    overlaps its allreduce with the backward pass, so its step takes between ``max(compute, comm)`` and
-    ``compute + comm``; a sparse step takes at least ``compute + selection + exchange`` (the hook exchanges
-    synchronously).
+    With ``compute_s`` (forward + backward + optimizer seconds per step) the comparison is per step. DDP overlaps
+    its allreduce with the backward pass, so a dense step takes between ``max(compute, comm)`` and
+    ``compute + comm``. A sparse step adds the selection to the computation (the hook selects on the autograd
+    thread); an overlapped exchange (:attr:`Row.overlap`) then takes between ``max(compute + selection,
+    exchange)`` and ``compute + selection + exchange``, a synchronous one ``compute + selection + exchange``.
+    Compression pays when the sparse step without overlap beats the dense step with it; it may pay when the sparse
+    step at its best beats the dense step at its worst.
     """
     dense, fp16 = rows[0], rows[1]
     best = min(rows[2:], key=lambda r: r.predicted_s + r.select_s)
@@ -212,12 +250,17 @@ def verdict(rows: list[Row], compute_s: float | None = None, margin: float = 0.1
                 f"{margin:.0%} less than dense allreduce ({_ms(dense.predicted_s)}) or fp16 "
                 f"({_ms(fp16.predicted_s)}). Use plain DDP (or fp16_compress_hook).")
     overlapped, serial = max(compute_s, baseline), compute_s + baseline
-    sparse_step = compute_s + cost
-    head = (f"Per step: dense DDP {_ms(overlapped)} to {_ms(serial)} (with/without overlap), "
-            f"{what} at least {_ms(sparse_step)}. ")
-    if sparse_step < (1 - margin) * overlapped:
-        return head + f"Compression pays: at least {overlapped / sparse_step:.2f}x faster steps."
-    if sparse_step < (1 - margin) * serial:
+    worst = compute_s + cost
+    best_case = max(compute_s + best.select_s, best.predicted_s) if best.overlap else worst
+    sparse = (f"{what} {_ms(best_case)} to {_ms(worst)} (with/without overlap)" if best.overlap else
+              f"{what} at least {_ms(worst)} (synchronous in the hook)")
+    head = f"Per step: dense DDP {_ms(overlapped)} to {_ms(serial)} (with/without overlap), {sparse}. "
+    if worst < (1 - margin) * overlapped:
+        return head + f"Compression pays: at least {overlapped / worst:.2f}x faster steps."
+    if best_case < (1 - margin) * serial:
+        if best.overlap:
+            return head + ("Compression may pay, depending on how much of each exchange hides behind the backward "
+                           "pass: time a few steps of both.")
         return head + ("Compression may pay, if DDP's allreduce overlaps little with the backward pass; "
                        "collective='auto' with its whole-step check measures which.")
     return head + "Compression will not help: the step is bound by computation. Use plain DDP."
@@ -238,29 +281,33 @@ def measure(rows: list[Row], numel: int, backend: Backend, *, repeats: int = 3, 
     """Time each row's exchange on ``backend`` (every rank must call, with the same arguments); fills
     ``measured_s`` with the median over ``repeats`` of the whole step (all buckets), averaged over ranks.
 
-    Dense, fp16 and rand-k use ``Backend.allreduce``; the index-carrying rows use
-    :func:`sparsedist.collectives.sparse_allreduce` with each rank's own random ``k``-subset; the packed threshold
-    row an allgather of 4-byte words with sizes first (the hook's allgather); ``gtopk`` is not measured.
+    Each row runs the code the hook runs for it, local work included: dense and fp16 a ``Backend.allreduce`` of
+    the bucket; the index-carrying rows :func:`sparsedist.collectives.sparse_allreduce` with each rank's own random
+    ``k``-subset; the packed threshold row the hook's allgather of Strom's 4-byte words (sizes first, then decode
+    and scatter-add); rand-k the values allreduce of a ``k``-subset shared by all ranks, scattered into the
+    zeroed bucket. ``gtopk`` is not measured.
     """
     parts = buckets(numel, 4, bucket_mb)
     g = torch.Generator().manual_seed(seed * 1000 + backend.rank)
+    common = torch.Generator().manual_seed(seed * 1000 - 1)  # the same on every rank
     supports: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}  # made before any clock runs
+    shared_idx: dict[tuple[int, float], torch.Tensor] = {}
     for d in {r.density for r in rows}:
         for b in set(parts):
             k = _count(b, d)
             supports[b, d] = torch.randperm(b, generator=g)[:k], torch.randn(k, generator=g)
+            shared_idx[b, d] = torch.randperm(b, generator=common)[:k]
 
     def run(row: Row) -> None:
         for b in parts:
-            k = _count(b, row.density)
             if row.exchange.startswith("dense"):
                 backend.allreduce(torch.ones(b))
             elif row.exchange.startswith("fp16"):
                 backend.allreduce(torch.ones(b, dtype=torch.float16))
             elif row.exchange == SHARED:
-                backend.allreduce(torch.ones(k))
+                ValuesAllreduce().reduce(shared_idx[b, row.density], supports[b, row.density][1], b, backend)
             elif row.exchange == PACKED:
-                backend.allgather_v(torch.ones(4 * k, dtype=torch.uint8))
+                Allgather().reduce(*supports[b, row.density], b, backend, constant=1.0)
             else:
                 sparse_allreduce(*supports[b, row.density], b, algorithm=row.collective, backend=backend)
 

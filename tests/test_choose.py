@@ -8,8 +8,10 @@ import time
 import pytest
 import torch
 
-from sparsedist.collectives import probe
-from sparsedist.collectives.choose import (ALGORITHMS, EXACT_ALGORITHMS, CostModel, choose, effective_universe,
+from sparsedist.collectives import probe, ring_allreduce_bytes
+from sparsedist.collectives.base import CostSheet
+from sparsedist.collectives.choose import (ALGORITHMS, EXACT_ALGORITHMS, PRIMITIVES, CostModel, choose,
+                                           effective_universe,
                                            expected_union, predict)
 from sparsedist.collectives.report import extrapolate, format_table
 from sparsedist.testing import run_distributed
@@ -140,6 +142,85 @@ def test_edge_cases_and_validation():
     assert set(ALGORITHMS) == set(EXACT_ALGORITHMS) | {"gtopk"}
 
 
+def test_cost_sheet_keeps_bytes_per_primitive_kind():
+    sheet = CostSheet()
+    sheet.step(3, 100.0, "alltoall")
+    sheet.step(1, 40.0, "sendrecv", calls=2)
+    sheet.step(1, 10.0, "alltoall")
+    assert sheet.kind_bytes == {"alltoall": 110.0, "sendrecv": 40.0} and sheet.bytes == 150.0
+    assert sheet.calls == {"alltoall": 2.0, "sendrecv": 2.0}
+    amortised = CostSheet()
+    amortised.add(sheet, 0.25)
+    assert amortised.kind_bytes == {"alltoall": 27.5, "sendrecv": 10.0} and amortised.bytes == 37.5
+    # priced per kind: 110 bytes at 1 s/B, 40 at 2 s/B; per call: 2 * 0.5 + 2 * 3
+    p = sheet.done("x", 7.0, 1e9, 0.0, 0.0, {"alltoall": 0.5, "sendrecv": 3.0, "allgather": 0, "allreduce": 0},
+                   {"alltoall": 1.0, "sendrecv": 2.0, "allgather": 9.0, "allreduce": 9.0})
+    assert p.time == pytest.approx(110 + 80 + 1 + 6) and p.bytes == 150.0 and p.latency == 5
+
+
+def test_call_beta_prices_each_primitive_by_its_own_measured_rate():
+    n, k, P, beta = 2_000_000, 20_000, 6, 1e-9
+    kw = dict(alpha=1e-5, beta=beta, gamma=1e-8, gamma_dense=1e-10)
+    plain = predict(n, k, P, **kw)
+    # absent, or every kind at beta: the same predictions as ever, to the last bit
+    same = predict(n, k, P, **kw, call_beta=dict.fromkeys(PRIMITIVES, beta))
+    assert all(same[a].time == pytest.approx(plain[a].time, rel=1e-12) for a in ALGORITHMS)
+    # the kinds partition every algorithm's bytes: making one kind free removes exactly its bytes' share
+    for a in ALGORITHMS:
+        saved = 0.0
+        for kind in PRIMITIVES:
+            free = predict(n, k, P, **kw, call_beta={**dict.fromkeys(PRIMITIVES, beta), kind: 0.0},
+                           algorithms=(a,))[a]
+            assert free.bytes == plain[a].bytes and free.sparse_work == plain[a].sparse_work
+            saved += plain[a].time - free.time
+        assert saved == pytest.approx(beta * plain[a].bytes, rel=1e-9), a
+    # which kinds each algorithm uses: dense only the allreduce, SSAR recursive doubling only send/recv
+    slow_p2p = predict(n, k, P, **kw, call_beta={**dict.fromkeys(PRIMITIVES, beta), "sendrecv": 3 * beta})
+    assert slow_p2p["dense"].time == pytest.approx(plain["dense"].time)
+    assert slow_p2p["allgather"].time == pytest.approx(plain["allgather"].time)
+    rd = plain["ssar_recursive_double"]
+    assert slow_p2p["ssar_recursive_double"].time == pytest.approx(rd.time + 2 * beta * rd.bytes)
+    # a send/recv twice as slow per byte as the allgather turns a tie into the allgather's win
+    n2, k2 = 1_000_000, 10_000
+    tied = choose(n2, k2, 2, alpha=0, beta=beta, candidates=("allgather", "ssar_recursive_double"))
+    assert tied.predictions["allgather"].bytes == pytest.approx(tied.predictions["ssar_recursive_double"].bytes,
+                                                                rel=1e-3)
+    for p2p, expect in ((2 * beta, "allgather"), (beta / 2, "ssar_recursive_double")):
+        cb = {**dict.fromkeys(PRIMITIVES, beta), "sendrecv": p2p}
+        assert choose(n2, k2, 2, alpha=0, beta=beta, call_beta=cb,
+                      candidates=("allgather", "ssar_recursive_double")).algorithm == expect
+    with pytest.raises(ValueError, match=r"call_beta\['alltoall'\]"):
+        predict(n, k, P, **kw, call_beta={"allreduce": 1e-9, "allgather": 1e-9, "sendrecv": 1e-9})
+    with pytest.raises(ValueError, match="seconds per byte"):
+        predict(n, k, P, **kw, call_beta={**dict.fromkeys(PRIMITIVES, beta), "allgather": -1.0})
+
+
+def test_cost_model_uses_call_beta_only_at_its_world_size():
+    cb = {"allreduce": 1e-9, "allgather": 2e-9, "sendrecv": 4e-9, "alltoall": 3e-9}
+    m = CostModel(alpha=1e-5, beta=1e-9, call_beta=cb, world_size=4)
+    at4, at8 = m.predict(10**6, 10**4, 4), m.predict(10**6, 10**4, 8)
+    assert at4["allgather"].time == pytest.approx(1e-5 * at4["allgather"].latency + 2e-9 * at4["allgather"].bytes)
+    assert at8["allgather"].time == pytest.approx(1e-5 * at8["allgather"].latency + 1e-9 * at8["allgather"].bytes)
+    assert m.choose(10**6, 10**4, 4).predictions == {a: at4[a] for a in EXACT_ALGORITHMS}
+    # a configured model (no call_beta) predicts exactly what predict() with its parameters does
+    plain = CostModel(alpha=1e-5, beta=1e-9, gamma=2e-9)
+    assert plain.call_beta is None
+    assert plain.predict(10**6, 10**4, 4) == predict(10**6, 10**4, 4, alpha=1e-5, beta=1e-9, gamma=2e-9)
+    with pytest.raises(ValueError, match="world_size"):
+        CostModel(call_beta=cb)
+    with pytest.raises(ValueError, match=r"CostModel.call_beta\['sendrecv'\]"):
+        CostModel(call_beta={**cb, "sendrecv": float("inf")}, world_size=4)
+    with pytest.raises(ValueError, match=r"CostModel.call_beta\['allgather'\]"):
+        CostModel(call_beta={**cb, "allgather": True}, world_size=4)
+    m2 = CostModel()
+    m2.load_state_dict(m.state_dict())
+    assert m2.call_beta == cb and m2.world_size == 4 and m2.predict(10**6, 10**4, 4) == at4
+    old = plain.state_dict()
+    del old["call_beta"]  # a state saved before call_beta existed
+    m2.load_state_dict(old)
+    assert m2.call_beta is None and m2.world_size is None
+
+
 def test_extrapolation_table_to_1024_ranks():
     rows = extrapolate(25_000_000, [0.001, 0.01], [8, 64, 1024], CostModel(alpha=5e-6, beta=1 / 12.5e9))
     assert len(rows) == 6 and all(r["best"] in EXACT_ALGORITHMS for r in rows)
@@ -161,6 +242,10 @@ def _probe_worker(rank, ws):
     model = probe(be)
     elapsed = time.perf_counter() - t0
     counters = (be.bytes_sent, be.bytes_received)
+    t0 = time.perf_counter()
+    full = probe(be, sizes=(1, 2**12, 2**16), call_latency=False, call_beta=True, work_numel=2**16)
+    full_elapsed = time.perf_counter() - t0
+    full_counters = (be.bytes_sent, be.bytes_received)
     g = torch.Generator().manual_seed(rank)
     idx = torch.randperm(5000, generator=g)[:50]
     val = torch.randn(50, generator=g)
@@ -172,7 +257,9 @@ def _probe_worker(rank, ws):
         ref.index_add_(0, i, torch.randn(50, generator=g))
     return {"params": (model.alpha, model.beta, model.gamma, model.gamma_dense, model.call_latency,
                        model.world_size), "elapsed": elapsed,
-            "counters": counters, "err": float((out - ref).abs().max())}
+            "counters": counters, "err": float((out - ref).abs().max()),
+            "full": (full.call_beta, full.call_latency, full.world_size, full.gamma, full.gamma_dense,
+                     full.measured["call_s"]), "full_elapsed": full_elapsed, "full_counters": full_counters}
 
 
 def test_probe_measures_and_agrees_across_ranks():
@@ -186,6 +273,23 @@ def test_probe_measures_and_agrees_across_ranks():
         assert r["counters"] == (123, 0), "the probe must leave the byte counters as they were"
         assert r["elapsed"] < 5.0  # well under 1 s on an idle machine; generous for a loaded CI box
         assert r["err"] < 1e-5
+    # the optional measurements: each primitive's seconds per byte (the per-call latencies come with them) and the
+    # local work at a given size; averaged over ranks like the rest, byte counters untouched
+    assert res[0]["full"] == res[1]["full"]
+    call_beta, calls, world, gamma, gamma_dense, call_s = res[0]["full"]
+    assert world == 2 and set(call_beta) == set(calls) == set(PRIMITIVES)
+    assert all(0 <= v < 1e-6 for v in call_beta.values()) and sum(call_beta.values()) > 0
+    assert gamma > 0 and gamma_dense > 0
+    part = 2**16 // 2
+    assert {kind: b for kind, (b, _) in call_s.items()} == {
+        "allreduce": ring_allreduce_bytes(2**16, 4, 2), "allgather": part * 4, "sendrecv": part * 4,
+        "alltoall": part * 4}
+    for kind, (b, seconds) in call_s.items():
+        assert call_beta[kind] == pytest.approx(max(seconds - calls[kind], 0.0) / b)
+    for r in res:
+        assert r["full_counters"] == (123, 0) and r["full_elapsed"] < 10.0
+    with pytest.raises(ValueError, match="work_numel"):
+        probe(_SumOfTwo([0.0]), work_numel=0)
 
 
 class _SumOfTwo:

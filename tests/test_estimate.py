@@ -1,10 +1,10 @@
 """``python -m sparsedist estimate``: the alpha-beta prediction per step, the verdict, the command line, and the
 predictions against exchanges measured on the emulated cluster (network namespaces, tc tbf links; root only).
 
-The emulated-cluster check asserts what docs/estimate.md reports as holding: the ring-allreduce exchanges (dense,
-fp16, rand-k's values) are predicted within 25 % at 100 Mbit/s and 1 Gbit/s when they move more than the links'
-token-bucket burst. The sparse collectives' measured/predicted ratios are printed, not asserted (1.0-1.8x at 100
-Mbit/s: gloo's concurrent send/recv ran at half the duplex rate; see the doc).
+The emulated-cluster check runs ``--probe --measure`` and asserts what docs/estimate.md reports as holding for rows
+that move more than four times the links' token-bucket burst: at 100 Mbit/s every ring allreduce and allgather
+within 25 % and SparCML's algorithms within 1.5x; at 1 Gbit/s the ring allreduces within 25 %, the index+value
+allgather between 0.6x and 1.25x and DSAR within 1.5x (see :data:`BOUNDS` and the doc for the reasons).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from sparsedist.__main__ import main
-from sparsedist.collectives import ring_allreduce_bytes
-from sparsedist.estimate import (PACKED, SHARED, buckets, estimate, link_model, parse_count, parse_rate,
-                                 parse_seconds, verdict)
+from sparsedist.collectives import CostModel, ring_allreduce_bytes
+from sparsedist.estimate import (INDEXED, PACKED, SHARED, Row, buckets, estimate, link_model, parse_count,
+                                 parse_rate, parse_seconds, verdict)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +60,52 @@ def test_rows_follow_the_wire_formats_and_ddp_buckets():
                                                  "dsar_split_allgather", "gtopk", "values allreduce"}
 
 
+def test_overlap_flags_and_the_shared_rows_local_work():
+    """Fixed counts overlap the backward pass (top-k/DGC through the allgather, rand-k's values allreduce); the
+    rand-k row pays the scatter of its k values into the zeroed bucket, at the model's local-work rates."""
+    n, P = 15_000_000, 4
+    rows = estimate(n, P, link_model(1e9), densities=[0.01])
+    overlapped = {(r.exchange, r.collective) for r in rows if r.overlap}
+    assert overlapped == {(INDEXED, "allgather"), (SHARED, "values allreduce")}
+    gamma, gamma_dense = 3e-8, 2e-10
+    worked = estimate(n, P, CostModel(alpha=2e-5, beta=8e-9, gamma=gamma, gamma_dense=gamma_dense),
+                      densities=[0.01])
+    bare = estimate(n, P, CostModel(alpha=2e-5, beta=8e-9), densities=[0.01])
+    parts = buckets(n, 4, 25)
+    shared = [r for r in worked if r.exchange == SHARED][0]
+    shared_bare = [r for r in bare if r.exchange == SHARED][0]
+    k = [max(1, -(-b // 100)) for b in parts]
+    extra = sum(gamma * kb + gamma_dense * b for kb, b in zip(k, parts)) + sum(gamma_dense * 2 * kb for kb in k)
+    assert shared.predicted_s == pytest.approx(shared_bare.predicted_s + extra)
+    assert shared.bytes == shared_bare.bytes
+
+
+def _rows(dense_s: float, sparse_s: float, select_s: float, overlap: bool) -> list[Row]:
+    return [Row("dense allreduce (DDP)", 1.0, "ring allreduce", 1e9, dense_s),
+            Row("fp16 allreduce", 1.0, "ring allreduce", 5e8, dense_s),
+            Row(INDEXED, 0.01, "allgather" if overlap else "ssar_recursive_double", 1e7, sparse_s,
+                select_s=select_s, overlap=overlap)]
+
+
+def test_verdict_per_step_accounts_for_which_exchanges_overlap():
+    # compute 1.0 s, dense 0.8 s: dense DDP takes 1.0-1.8 s per step
+    overlapped = verdict(_rows(0.8, 0.3, 0.05, True), compute_s=1.0)
+    # selection joins the computation: the step is max(1.05, 0.3) s with overlap, 1.35 s without
+    assert "by allgather 1,050 ms to 1,350 ms (with/without overlap)" in overlapped
+    assert "Compression may pay" in overlapped
+    assert "hides behind the backward pass" in overlapped
+    # the same exchange run synchronously: 1.35 s, still under 0.9 * 1.8 s
+    synchronous = verdict(_rows(0.8, 0.3, 0.05, False), compute_s=1.0)
+    assert "at least 1,350 ms (synchronous in the hook)" in synchronous
+    assert "Compression may pay" in synchronous and "collective='auto'" in synchronous
+    # an exchange longer than the computation: overlapped it can still pay off against a worse dense step ...
+    long = verdict(_rows(3.0, 2.0, 0.1, True), compute_s=1.0)  # dense 3-4 s, sparse 2.0-3.1 s
+    assert "Compression may pay" in long
+    # ... and when even its worst case beats dense at its best, it pays
+    assert "Compression pays" in verdict(_rows(3.0, 0.5, 0.1, True), compute_s=1.0)
+    assert "will not help" in verdict(_rows(0.8, 0.9, 0.1, True), compute_s=10.0)
+
+
 def test_verdict_says_plainly_when_compression_will_not_help():
     slow = estimate(124_000_000, 16, link_model(1e9), densities=[0.01])
     assert verdict(slow).startswith("Compression can pay")
@@ -90,27 +136,50 @@ sys.modules[_spec.name] = emu
 _spec.loader.exec_module(emu)
 
 
+#: measured/predicted bounds with --probe that the emulated cluster supported (docs/estimate.md: medians and spread of
+#: repeated runs, load average 4-10 on the two cores from other sessions). Keyed by rate, then by collective (the
+#: ring allreduces of dense, fp16 and rand-k's values; the allgather of index+value and of Strom's packed words;
+#: SparCML's three algorithms). Rows under four times the link's token-bucket burst are printed, not asserted.
+BOUNDS = {
+    "100mbit": {"ring allreduce": (0.75, 1.25), "values allreduce": (0.75, 1.25), "allgather": (0.75, 1.25),
+                "ssar_recursive_double": (0.67, 1.5), "ssar_split_allgather": (0.67, 1.5),
+                "dsar_split_allgather": (0.67, 1.5)},
+    # at 1 Gbit/s the local work is as large as the transfer: the allgather is within 25 % or faster than predicted
+    # (the burst refills while the received entries are summed); SSAR's sort-based merges are not priced
+    "1gbit": {"ring allreduce": (0.75, 1.25), "dsar_split_allgather": (0.67, 1.5), "allgather": (0.6, 1.25)},
+}
+
+
 @pytest.mark.system
 @pytest.mark.skipif(any(shutil.which(t) is None for t in ("ip", "tc", "bridge")),
                     reason="iproute2 not installed: run scripts/install_system.sh")
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
-@pytest.mark.parametrize("rate, params", [("100mbit", "1M"), ("1gbit", "4M")])
-def test_predictions_against_the_emulated_cluster(tmp_path, rate, params):
+@pytest.mark.parametrize("rate, params", [("100mbit", "4M"), ("1gbit", "8M")])
+def test_probed_predictions_against_the_emulated_cluster(tmp_path, rate, params):
     out = tmp_path / "estimate.json"
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
            "OMP_NUM_THREADS": "1"}
-    emu.emulate_cluster([sys.executable, "-m", "sparsedist", "estimate", "--params", params, "--link", rate,
+    emu.emulate_cluster([sys.executable, "-m", "sparsedist", "estimate", "--params", params, "--probe",
                          "--densities", "0.1", "--measure", "--repeats", "3", "--json", str(out)],
-                        2, rate, env=env, cwd=str(ROOT), timeout=180)
-    rows = json.loads(out.read_text())["rows"]
+                        2, rate, env=env, cwd=str(ROOT), timeout=300)
+    saved = json.loads(out.read_text())
+    model, rows = saved["model"], saved["rows"]
+    assert model["world_size"] == 2 and set(model["call_beta"]) == {"allreduce", "allgather", "sendrecv",
+                                                                     "alltoall"}
     burst = max(32 * 1024, parse_rate(rate) / 8 / 100)  # emulate_cluster's tbf bucket: 10 ms at line rate
-    report = []
+    report, checked = [], set()
     for r in rows:
         if r["measured_s"] is None:
             continue
         ratio = r["measured_s"] / r["predicted_s"]
         report.append(f"{r['exchange']} {r['density']} {r['collective']}: {ratio:.2f}")
-        if r["collective"] in ("ring allreduce", "values allreduce") and r["bytes"] > 4 * burst:
-            assert 0.75 <= ratio <= 1.25, (r, report)
+        bounds = BOUNDS[rate].get(r["collective"])
+        if bounds is not None and r["bytes"] > 4 * burst:
+            checked.add(r["collective"])
+            assert bounds[0] <= ratio <= bounds[1], (r, report)
     print("\n".join(report))
-    assert any(r["exchange"].startswith("dense") for r in rows)
+    assert checked == set(BOUNDS[rate]), (checked, report)
+    # the configured model (--link) against the same measurements: the ring allreduces of dense and fp16
+    configured = estimate(parse_count(params), 2, link_model(parse_rate(rate)), densities=[0.1])
+    for conf, r in zip(configured[:2], rows[:2]):
+        assert conf.exchange == r["exchange"] and 0.75 <= r["measured_s"] / conf.predicted_s <= 1.25, (conf, r)

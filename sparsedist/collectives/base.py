@@ -51,7 +51,8 @@ class Prediction:
 
     Attributes:
         algorithm: the algorithm's name.
-        time: predicted seconds, ``alpha*latency + beta*bytes + gamma*sparse_work + gamma_dense*dense_work``.
+        time: predicted seconds, ``alpha*latency + beta*bytes + gamma*sparse_work + gamma_dense*dense_work``
+            (with measured per-primitive costs, the latency and bytes of each primitive kind priced by its own).
         latency: number of message latencies (alphas) on the critical path.
         bytes: bytes on the critical path of the busiest rank (per step the larger of sent and received).
         sparse_work: sparse entries the rank handles locally.
@@ -106,19 +107,26 @@ class CostTerms:
 
 @dataclass
 class CostSheet:
-    """Accumulates one algorithm's messages, bytes and local work; :meth:`done` prices them."""
+    """Accumulates one algorithm's messages, bytes and local work; :meth:`done` prices them.
+
+    ``calls`` and ``kind_bytes`` keep, per primitive kind (``"allreduce"``, ``"allgather"``, ``"sendrecv"``,
+    ``"alltoall"``), the number of calls and the bytes on the critical path, so that measured per-kind costs can
+    price them (``call_latency``, ``call_beta`` of :meth:`done`).
+    """
 
     latency: float = 0.0
     bytes: float = 0.0
     sparse: float = 0.0
     dense: float = 0.0
     calls: dict = field(default_factory=dict)
+    kind_bytes: dict = field(default_factory=dict)
 
     def step(self, messages: float, nbytes: float, kind: str, calls: float = 1.0) -> None:
         """``calls`` calls of primitive ``kind`` costing ``messages`` alphas and ``nbytes`` bytes together."""
         self.latency += messages
         self.bytes += nbytes
         self.calls[kind] = self.calls.get(kind, 0.0) + calls
+        self.kind_bytes[kind] = self.kind_bytes.get(kind, 0.0) + nbytes
 
     def add(self, other: "CostSheet", weight: float) -> None:
         """Add ``weight`` times another sheet (an amortised alternative, e.g. a periodic estimation)."""
@@ -128,14 +136,22 @@ class CostSheet:
         self.dense += weight * other.dense
         for kind, c in other.calls.items():
             self.calls[kind] = self.calls.get(kind, 0.0) + weight * c
+        for kind, b in other.kind_bytes.items():
+            self.kind_bytes[kind] = self.kind_bytes.get(kind, 0.0) + weight * b
 
     def done(self, name: str, alpha: float, beta: float, gamma: float, gamma_dense: float,
-             call_latency: dict | None) -> Prediction:
+             call_latency: dict | None, call_beta: dict | None = None) -> Prediction:
+        """Price the sheet: ``alpha`` per message (or ``call_latency[kind]`` per call), ``beta`` per byte (or
+        ``call_beta[kind]`` per byte of that kind), ``gamma`` per sparse entry, ``gamma_dense`` per dense element."""
         if call_latency:
             lat = sum(c * call_latency[kind] for kind, c in self.calls.items())
         else:
             lat = alpha * self.latency
-        t = lat + beta * self.bytes + gamma * self.sparse + gamma_dense * self.dense
+        if call_beta:
+            wire = sum(b * call_beta[kind] for kind, b in self.kind_bytes.items())
+        else:
+            wire = beta * self.bytes
+        t = lat + wire + gamma * self.sparse + gamma_dense * self.dense
         return Prediction(name, t, self.latency, self.bytes, self.sparse, self.dense)
 
 

@@ -18,9 +18,13 @@ pass the measured support of last step's sum as ``union_nnz`` and the model fits
 
 Assumptions: full-duplex links (a sendrecv costs one message), one message at a time per rank, ring
 allgather and pairwise alltoall (``P - 1`` alphas each), perfectly balanced ranges (``k/P`` entries per range),
-no overlap of communication and computation. Every rank must call :func:`choose` with the same arguments (use
-a probed model averaged over ranks -- :func:`~sparsedist.collectives.probe` does that -- and per-rank
-counts agreed by a collective), otherwise ranks pick different algorithms and deadlock.
+no overlap of communication and computation. Measured per-primitive costs (``call_latency``, ``call_beta`` of a
+probed :class:`CostModel`) replace ``alpha`` and ``beta`` where they were measured: a library's primitives need
+not reach the same share of the link (on gloo over TCP, an allgather or a concurrent send/recv in both
+directions took 1.3-1.8x the seconds per byte of a ring allreduce, docs/estimate.md), and that share is then
+priced from the measurement instead of from the full-duplex assumption. Every rank must call :func:`choose`
+with the same arguments (use a probed model averaged over ranks -- :func:`~sparsedist.collectives.probe` does
+that -- and per-rank counts agreed by a collective), otherwise ranks pick different algorithms and deadlock.
 """
 
 from __future__ import annotations
@@ -31,8 +35,23 @@ from dataclasses import asdict, dataclass, field
 from .base import CostSheet, CostTerms, Prediction
 from .registry import ALGORITHMS, COLLECTIVES, EXACT_ALGORITHMS
 
-__all__ = ["ALGORITHMS", "EXACT_ALGORITHMS", "CostModel", "Prediction", "Choice", "predict", "choose",
-           "expected_union", "effective_universe"]
+__all__ = ["ALGORITHMS", "EXACT_ALGORITHMS", "PRIMITIVES", "CostModel", "Prediction", "Choice", "predict",
+           "choose", "expected_union", "effective_universe"]
+
+#: The primitive kinds the cost formulas charge (``CostSheet.calls``), each with its own measured costs.
+PRIMITIVES = ("allreduce", "allgather", "sendrecv", "alltoall")
+
+
+def _check_per_kind(costs: dict | None, what: str, unit: str) -> None:
+    """Every primitive kind needs a finite cost >= 0 in ``costs`` (if given)."""
+    if costs is None:
+        return
+    if not isinstance(costs, dict):
+        raise TypeError(f"{what} must be a dict {{primitive: {unit}}}, got {type(costs).__name__}")
+    for kind in PRIMITIVES:
+        v = costs.get(kind)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or math.isinf(v):
+            raise ValueError(f"{what}[{kind!r}] must be {unit} >= 0 (one for each of {PRIMITIVES}), got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +119,7 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
             gamma_dense: float = 0.0, value_bytes: int = 4, index_bytes: int | None = None,
             nnz_max: float | None = None, union_nnz: float | None = None, dense_threshold: float | None = None,
             gtopk_k: float | None = None, threshold_interval: int = 32, repartition_interval: int = 64,
-            algorithms=ALGORITHMS, call_latency: dict | None = None) -> dict:
+            algorithms=ALGORITHMS, call_latency: dict | None = None, call_beta: dict | None = None) -> dict:
     """Predicted cost of each algorithm for one bucket.
 
     Args:
@@ -122,6 +141,9 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
         call_latency: measured seconds per call of each primitive (``"allreduce"``, ``"allgather"``,
             ``"sendrecv"``, ``"alltoall"``) at this world size; when given it replaces ``alpha * latency`` (a
             Python-level call has a fixed cost that ``alpha`` from an allreduce fit does not capture).
+        call_beta: measured seconds per byte of each primitive kind at this world size, per byte as the cost
+            formulas count them (one direction of a send/recv); when given it replaces ``beta`` (e.g. gloo's
+            allgather and concurrent send/recv run below the link rate that its ring allreduce reaches).
 
     Returns:
         ``{algorithm: Prediction}``.
@@ -134,10 +156,8 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
     unknown = set(algorithms) - set(ALGORITHMS)
     if unknown:
         raise ValueError(f"unknown algorithm(s) {sorted(unknown)}; choose from {ALGORITHMS}")
-    if call_latency is not None:
-        missing = {"allreduce", "allgather", "sendrecv", "alltoall"} - set(call_latency)
-        if missing:
-            raise ValueError(f"call_latency needs seconds for {sorted(missing)}")
+    _check_per_kind(call_latency, "call_latency", "seconds per call")
+    _check_per_kind(call_beta, "call_beta", "seconds per byte")
     bv = int(value_bytes)
     bi = int(index_bytes) if index_bytes is not None else (4 if n <= 2**31 - 1 else 8)
     k = float(min(nnz, n))
@@ -152,7 +172,7 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
         sheet = CostSheet()
         if P > 1:
             COLLECTIVES[name].cost(terms, sheet)
-        out[name] = sheet.done(name, alpha, beta, gamma, gamma_dense, call_latency)
+        out[name] = sheet.done(name, alpha, beta, gamma, gamma_dense, call_latency, call_beta)
     return out
 
 
@@ -190,7 +210,11 @@ class CostModel:
         call_latency: optional measured seconds per call of each primitive (``"allreduce"``, ``"allgather"``,
             ``"sendrecv"``, ``"alltoall"``) at ``world_size`` ranks; used instead of ``alpha`` when predicting for
             that world size (other world sizes use ``alpha``).
-        world_size: the world size ``call_latency`` was measured at.
+        call_beta: optional measured seconds per byte of each primitive (the same kinds; bytes as the cost
+            formulas count them) at ``world_size`` ranks; used instead of ``beta`` when predicting for that world
+            size (other world sizes use ``beta``). ``None`` (the default): every primitive is priced by ``beta``,
+            exactly as without it.
+        world_size: the world size ``call_latency`` and ``call_beta`` were measured at.
         measured: raw probe timings, for reports.
     """
 
@@ -201,24 +225,23 @@ class CostModel:
     call_latency: dict | None = None
     world_size: int | None = None
     measured: dict = field(default_factory=dict)
+    call_beta: dict | None = None
 
     def __post_init__(self):
         for name in ("alpha", "beta", "gamma", "gamma_dense"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or math.isinf(v):
                 raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {v!r}")
-        if self.call_latency is not None:
-            if self.world_size is None:
-                raise ValueError("CostModel.call_latency needs the world_size it was measured at")
-            for kind in ("allreduce", "allgather", "sendrecv", "alltoall"):
-                v = self.call_latency.get(kind)
-                if not isinstance(v, (int, float)) or not v >= 0 or math.isinf(v):
-                    raise ValueError(f"CostModel.call_latency[{kind!r}] must be seconds >= 0, got {v!r}")
+        for name, unit in (("call_latency", "seconds per call"), ("call_beta", "seconds per byte")):
+            if getattr(self, name) is not None and self.world_size is None:
+                raise ValueError(f"CostModel.{name} needs the world_size it was measured at")
+            _check_per_kind(getattr(self, name), f"CostModel.{name}", unit)
 
     def _kw(self, world_size: int) -> dict:
-        cl = self.call_latency if self.call_latency and world_size == self.world_size else None
+        here = world_size == self.world_size
         return dict(alpha=self.alpha, beta=self.beta, gamma=self.gamma, gamma_dense=self.gamma_dense,
-                    call_latency=cl)
+                    call_latency=self.call_latency if self.call_latency and here else None,
+                    call_beta=self.call_beta if self.call_beta and here else None)
 
     def predict(self, numel: int, nnz: float, world_size: int, **kwargs) -> dict:
         """:func:`predict` with this model's parameters."""
@@ -234,8 +257,9 @@ class CostModel:
     def load_state_dict(self, state: dict) -> None:
         for key in ("alpha", "beta", "gamma", "gamma_dense"):
             setattr(self, key, float(state[key]))
-        cl = state.get("call_latency")
+        cl, cb = state.get("call_latency"), state.get("call_beta")
         self.call_latency = None if cl is None else {k: float(v) for k, v in cl.items()}
+        self.call_beta = None if cb is None else {k: float(v) for k, v in cb.items()}
         self.world_size = state.get("world_size")
         self.measured = dict(state.get("measured", {}))
         self.__post_init__()

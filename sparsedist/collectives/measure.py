@@ -1,4 +1,11 @@
-"""Measure the cost model's parameters on the running job: link latency and bandwidth, local work, per-call costs."""
+"""Measure the cost model's parameters on the running job: link latency and bandwidth, local work, per-call costs.
+
+Two kinds of timing. The link's ``alpha``/``beta`` fit and the per-call latencies take the fastest of their
+repeats (contention only ever adds time; at the first step of a ``collective="auto"`` job the probe must be
+cheap and stable). The optional per-primitive bandwidths (``call_beta``) and the local work at a real bucket's
+size (``work_numel``) take the median, as ``sparsedist.estimate.measure`` does for a whole exchange: they are
+meant to predict what a step typically costs on this host, load included.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +14,122 @@ import time
 
 import torch
 
+from .allgather import scatter_add
 from .backend import Backend, ring_allreduce_bytes
-from .choose import CostModel
+from .choose import PRIMITIVES, CostModel
+from .wire import decode, encode
 
-__all__ = ["probe"]
+__all__ = ["probe", "WORK_DENSITY"]
+
+#: Entries per element of the decode and scatter-add that ``probe(work_numel=n)`` times: 10 % of ``n``, the densest
+#: of the default densities of ``python -m sparsedist estimate`` (where local work is largest).
+WORK_DENSITY = 0.1
 
 
-def _time_allreduce(backend: Backend, t: torch.Tensor, repeats: int) -> float:
+def _times(backend: Backend | None, op, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``op``, each started together on every rank (a barrier first)."""
     times = []
     for _ in range(repeats):
-        backend.barrier()
+        if backend is not None:
+            backend.barrier()
         t0 = time.perf_counter()
-        backend.allreduce(t)
+        op()
         times.append(time.perf_counter() - t0)
-    return min(times)  # contention only ever adds time: the fastest repeat is the link's cost
+    return times
+
+
+def _fit_link(backend: Backend, sizes, repeats: int, dev) -> tuple[float, float, dict]:
+    """``alpha``, ``beta`` from the fastest allreduce at each size, fitted to ``2(P-1) alpha + bytes * beta``."""
+    P = backend.size
+    _times(backend, lambda: backend.allreduce(torch.zeros(max(sizes), device=dev)), 1)  # warm-up
+    xs, ys, fastest = [], [], {}
+    for n in sizes:
+        t = torch.zeros(int(n), device=dev)
+        fastest[int(n)] = min(_times(backend, lambda: backend.allreduce(t), repeats))
+        xs.append(ring_allreduce_bytes(int(n), 4, P))
+        ys.append(fastest[int(n)])
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    beta = max(slope, 1e-13)
+    intercept = my - beta * mx
+    if intercept <= 0:  # noisy fit: take the smallest allreduce as pure latency
+        intercept = min(ys)
+    return max(intercept / (2 * (P - 1)), 1e-8), beta, fastest
+
+
+def _primitives(backend: Backend, numel: int, dev) -> dict:
+    """One call of each primitive kind moving about ``numel`` fp32 elements: ``{kind: (op, modelled bytes)}``.
+
+    Bytes as the cost formulas count them: ring allreduce ``2(P-1)/P * 4n``; the allgather, the send/recv (one
+    direction of a concurrent exchange with the neighbours) and the alltoall ``(P-1)/P * 4n`` each.
+    """
+    P = backend.size
+    right, left = (backend.rank + 1) % P, (backend.rank - 1) % P
+    part = max(1, numel // P)
+    ar, ag = torch.zeros(numel, device=dev), torch.zeros(part, device=dev)
+    sr, rv = torch.zeros(part * (P - 1), device=dev), torch.empty(part * (P - 1), device=dev)
+    return {"allreduce": (lambda: backend.allreduce(ar), ring_allreduce_bytes(numel, 4, P)),
+            "allgather": (lambda: backend.allgather(ag), (P - 1) * part * 4),
+            "sendrecv": (lambda: backend.sendrecv(sr, right, rv, left), (P - 1) * part * 4),
+            "alltoall": (lambda: backend.alltoall_v([ag] * P, [part] * P), (P - 1) * part * 4)}
+
+
+def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float]:
+    """``gamma`` (s per sparse entry) and ``gamma_dense`` (s per dense element).
+
+    Without ``work_numel``: ``torch.unique`` and a scatter-add of 131072 entries, an add of ``2**20`` elements, the
+    fastest of 3 (small kernels, mostly in cache). With it: the kernels of a sparse sum at that size, the median
+    of ``repeats`` -- what the allgather does per received entry: decode a payload of ``WORK_DENSITY *
+    work_numel`` distinct random positions (int32 index + fp32 value) and scatter-add it into a fresh zeroed
+    vector of ``work_numel``; and a zero-fill plus an add of ``work_numel`` elements (two dense passes).
+    """
+    g = torch.Generator().manual_seed(0)
+    if work_numel is None:
+        m = 65536
+        idx = torch.randint(0, 64 * m, (2 * m,), generator=g).to(dev)
+        val = torch.randn(2 * m, generator=g).to(dev)
+
+        def sparse():
+            uniq, inv = torch.unique(idx, sorted=True, return_inverse=True)
+            torch.zeros(uniq.numel(), device=dev).index_add_(0, inv, val)
+
+        a, b = torch.ones(2**20, device=dev), torch.ones(2**20, device=dev)
+        return (min(_times(None, sparse, 3)) / (2 * m),
+                min(_times(None, lambda: a.add_(b), 3)) / 2**20)
+    n = int(work_numel)
+    m = max(1, int(WORK_DENSITY * n))
+    payload = encode(torch.randperm(n, generator=g)[:m], torch.randn(m, generator=g), torch.float32).to(dev)
+    ones = torch.ones(n, device=dev)
+    sparse = _times(None, lambda: scatter_add(torch.zeros(n, device=dev), *decode(payload, torch.float32)),
+                    repeats + 1)[1:]
+    dense = _times(None, lambda: torch.zeros(n, device=dev).add_(ones), repeats + 1)[1:]
+    return statistics.median(sparse) / m, statistics.median(dense) / (2 * n)
 
 
 def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5, local_work: bool = True,
-          call_latency: bool = True, device: torch.device | str | None = None) -> CostModel:
+          call_latency: bool = True, call_beta: bool = False, work_numel: int | None = None,
+          device: torch.device | str | None = None) -> CostModel:
     """Measure ``alpha`` and ``beta`` (and the local-work terms) at start-up; a collective call.
 
     Times ``repeats`` fp32 allreduces at each of ``sizes`` elements (the fastest of each), fits
-    ``t = 2(P-1) alpha + 2(P-1)/P * bytes * beta`` by least squares, times ``torch.unique`` on 65536 entries
+    ``t = 2(P-1) alpha + 2(P-1)/P * bytes * beta`` by least squares, times ``torch.unique`` on 131072 entries
     (``gamma``) and an add of ``2**20`` elements (``gamma_dense``), times one tiny call of each primitive
     (``call_latency``), and averages everything over ranks with an allreduce so that every rank gets the same
-    model (identical choices). Every timing is the fastest of ``repeats`` (contention only adds time). The
+    model (identical choices). These timings are the fastest of ``repeats`` (contention only adds time). The
     backend's byte counters are left as they were. About 0.1-0.5 s on loopback.
+
+    Two optional measurements make the model predict a real exchange more closely (``python -m sparsedist
+    estimate --probe`` asks for both; each costs a few calls at ``max(sizes)``, seconds on a slow link):
+
+    * ``call_beta``: one call of each primitive moving about ``max(sizes)`` fp32 elements, the median of
+      ``repeats``; seconds per byte of each kind (the tiny call's latency subtracted), which the model then uses
+      instead of ``beta`` at this world size. gloo's allgather and its concurrent send/recv and all-to-all need
+      not reach the link rate its ring allreduce reaches (docs/estimate.md).
+    * ``work_numel``: ``gamma`` and ``gamma_dense`` timed on kernels of that size (a real bucket's length), the
+      median of ``repeats``, instead of the small kernels: the allgather's decode and scatter-add of received
+      entries into a vector of 16 MB misses the caches that the small kernels hit. (SparCML's sort-based merges
+      cost more per entry than this; docs/estimate.md.)
 
     Args:
         backend: the communicator (every rank must call).
@@ -40,77 +137,49 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
         repeats: timings per size.
         local_work: also measure ``gamma`` and ``gamma_dense`` (else they are 0).
         call_latency: also measure the per-call cost of each primitive (for predictions at this world size).
+        call_beta: also measure each primitive's seconds per byte (implies the per-call latencies).
+        work_numel: elements of the local-work kernels (default None: the small kernels).
         device: where the probe tensors live (default CPU; pass the GPU for NCCL).
 
     Returns:
-        A :class:`CostModel`; ``measured`` holds this rank's fastest time per size (``allreduce_s``).
+        A :class:`CostModel`; ``measured`` holds this rank's fastest time per size (``allreduce_s``) and, with
+        ``call_beta``, each primitive's modelled bytes and median seconds (``call_s``), averaged over ranks.
     """
     if len(set(sizes)) < 2 or repeats < 1:
         raise ValueError("probe() needs at least two distinct sizes and repeats >= 1")
+    if work_numel is not None and (isinstance(work_numel, bool) or not isinstance(work_numel, int)
+                                   or work_numel < 1):
+        raise ValueError(f"probe(work_numel=...) must be a positive int (a bucket's elements), got {work_numel!r}")
     counters = (backend.bytes_sent, backend.bytes_received)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     P = backend.size
     alpha = beta = 0.0
     fastest = {}
     if P > 1:
-        _time_allreduce(backend, torch.zeros(max(sizes), device=dev), 1)  # warm-up
-        xs, ys = [], []
-        for n in sizes:
-            t = _time_allreduce(backend, torch.zeros(int(n), device=dev), repeats)
-            fastest[int(n)] = t
-            xs.append(ring_allreduce_bytes(int(n), 4, P))
-            ys.append(t)
-        mx, my = statistics.fmean(xs), statistics.fmean(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
-        beta = max(slope, 1e-13)
-        intercept = my - beta * mx
-        if intercept <= 0:  # noisy fit: take the smallest allreduce as pure latency
-            intercept = min(ys)
-        alpha = max(intercept / (2 * (P - 1)), 1e-8)
-    gamma = gamma_dense = 0.0
-    if local_work:
-        g = torch.Generator().manual_seed(0)
-        m = 65536
-        idx = torch.randint(0, 64 * m, (2 * m,), generator=g).to(dev)
-        val = torch.randn(2 * m, generator=g).to(dev)
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            uniq, inv = torch.unique(idx, sorted=True, return_inverse=True)
-            torch.zeros(uniq.numel(), device=dev).index_add_(0, inv, val)
-            ts.append(time.perf_counter() - t0)
-        gamma = min(ts) / (2 * m)
-        a = torch.ones(2**20, device=dev)
-        b = torch.ones(2**20, device=dev)
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            a.add_(b)
-            ts.append(time.perf_counter() - t0)
-        gamma_dense = min(ts) / 2**20
-    calls = [0.0, 0.0, 0.0, 0.0]
-    if P > 1 and call_latency:
-        tiny = torch.zeros(2, device=dev)
-        right, left = (backend.rank + 1) % P, (backend.rank - 1) % P
-        ops = (lambda: backend.allreduce(tiny), lambda: backend.allgather(tiny),
-               lambda: backend.sendrecv(tiny, right, torch.empty(2, device=dev), left),
-               lambda: backend.alltoall_v([tiny[:1]] * P, [1] * P))
-        for j, op in enumerate(ops):
-            ts = []
-            for _ in range(repeats):
-                backend.barrier()
-                t0 = time.perf_counter()
-                op()
-                ts.append(time.perf_counter() - t0)
-            calls[j] = min(ts)
-    params = torch.tensor([alpha, beta, gamma, gamma_dense] + calls, dtype=torch.float64, device=dev)
+        alpha, beta, fastest = _fit_link(backend, sizes, repeats, dev)
+    gamma, gamma_dense = _local_work(work_numel, repeats, dev) if local_work else (0.0, 0.0)
+    per_call = P > 1 and (call_latency or call_beta)
+    calls = [0.0] * len(PRIMITIVES)
+    if per_call:
+        for j, (op, _) in enumerate(_primitives(backend, 2, dev).values()):
+            calls[j] = min(_times(backend, op, repeats))
+    big = [0.0] * len(PRIMITIVES)
+    nbytes = [0] * len(PRIMITIVES)
+    if P > 1 and call_beta:
+        for j, (op, b) in enumerate(_primitives(backend, int(max(sizes)), dev).values()):
+            big[j] = statistics.median(_times(backend, op, repeats + 1)[1:])  # the first call warms up
+            nbytes[j] = b
+    params = torch.tensor([alpha, beta, gamma, gamma_dense] + calls + big, dtype=torch.float64, device=dev)
     if P > 1:
         backend.allreduce(params)
         params /= P
     backend.bytes_sent, backend.bytes_received = counters
     vals = [float(v) for v in params.tolist()]
-    cl = dict(zip(("allreduce", "allgather", "sendrecv", "alltoall"), vals[4:])) if P > 1 and call_latency \
-        else None
-    return CostModel(*vals[:4], call_latency=cl, world_size=P if cl else None,
-                     measured={"allreduce_s": fastest, "world_size": P})
+    cl = dict(zip(PRIMITIVES, vals[4:8])) if per_call else None
+    measured = {"allreduce_s": fastest, "world_size": P}
+    cb = None
+    if P > 1 and call_beta:
+        measured["call_s"] = {kind: (nbytes[j], vals[8 + j]) for j, kind in enumerate(PRIMITIVES)}
+        cb = {kind: max(vals[8 + j] - cl[kind], 0.0) / nbytes[j] for j, kind in enumerate(PRIMITIVES)}
+    return CostModel(*vals[:4], call_latency=cl, world_size=P if per_call else None, measured=measured,
+                     call_beta=cb)
