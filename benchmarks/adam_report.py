@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -85,7 +86,8 @@ def _plot(records: list[dict], path: Path, model: str) -> None:
 
     fig, (ax_s, ax_b) = plt.subplots(1, 2, figsize=(13, 4.8))
     colors = {"ddp": "k", "topk-grad": "tab:red"}
-    palette = iter(["tab:blue", "tab:cyan", "tab:green", "tab:olive", "tab:purple", "tab:orange"])
+    palette = itertools.cycle(["tab:blue", "tab:cyan", "tab:green", "tab:olive", "tab:purple", "tab:orange",
+                               "tab:brown", "tab:pink", "tab:gray"])
     for (method, density, steps), rs in _groups(records).items():
         color = colors.get(method) or next(palette)
         label = f"{method} {density:g} ({steps} steps)" if method != "ddp" else f"DDP ({steps} steps)"
