@@ -161,3 +161,40 @@ def _resume(rank, world, directory):
 def test_resume_from_a_checkpoint_is_bit_identical():
     with tempfile.TemporaryDirectory() as d:
         assert run_distributed(_resume, 2, args=(d,), timeout=120) == [True, True]
+
+
+def _save_two(rank, world, directory):
+    m = _model()
+    opt = _optimizer(m, "adamw", warmup=1)
+    exchange = so.ReferenceExchange(m, opt, density=0.05)
+    _steps(m, opt, exchange, rank, 0, 4)
+    sparsedist.checkpoint.save(directory, model=m, optimizer=opt, state=exchange)
+    pending = {n: r.clone() for n, r in exchange.residuals.items()}
+    for n in pending:
+        dist.all_reduce(pending[n])
+    return {n: r / world for n, r in pending.items()}
+
+
+def _load_three(rank, world, directory):
+    m = _model()
+    opt = _optimizer(m, "adamw", warmup=1)
+    exchange = so.ReferenceExchange(m, opt, density=0.05)
+    with pytest.warns(UserWarning, match="written at 2 ranks and is loaded at 3"):
+        sparsedist.checkpoint.load(directory, model=m, optimizer=opt, state=exchange)
+    loaded = {n: r.clone() for n, r in exchange.residuals.items()}
+    _steps(m, opt, exchange, rank, 4, 6)
+    flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return loaded, all(torch.equal(gathered[0], x) for x in gathered)
+
+
+def test_resume_on_a_different_world_size_keeps_the_pending_update():
+    """2 ranks save, 3 ranks load (residuals re-sharded to their mean, so the mean pending update is kept)."""
+    with tempfile.TemporaryDirectory() as d:
+        pending = run_distributed(_save_two, 2, args=(f"{d}/ckpt",), timeout=120)[0]
+        out = run_distributed(_load_three, 3, args=(f"{d}/ckpt",), timeout=120)
+    for loaded, agree in out:
+        assert agree
+        for n, r in pending.items():
+            torch.testing.assert_close(loaded[n], r)

@@ -73,7 +73,7 @@ def test_adamw_dense_phase_is_torch_adamw_bit_for_bit():
 def test_adamw_sparse_phase_at_density_one_is_adamw():
     """World size 1, everything sent: the local update is the global one, so the trajectory is AdamW's."""
     a, b = model(), model()
-    ours = so.AdamW(groups(a, 1e-2, weight_decay=0.1), lr=1e-2, betas=(0.9, 0.99), warmup_steps=3)
+    ours = so.AdamW(groups(a, 1e-2, weight_decay=0.1), lr=1e-2, betas=(0.9, 0.99), warmup_steps=3, sparse_beta1=None)
     ref = torch.optim.AdamW(groups(b, 1e-2, weight_decay=0.1), lr=1e-2, betas=(0.9, 0.99), foreach=False)
     train(a, ours, 25, cosine(ours), wire=True)
     train(b, ref, 25, cosine(ref))
@@ -116,7 +116,7 @@ def test_warmup_switch_and_to_wire_in_each_phase():
 
 def test_adamw_wire_is_lr_times_the_bias_corrected_adam_direction():
     m = model()
-    opt = so.AdamW(m.parameters(), lr=0.02, betas=(0.8, 0.95), eps=1e-6, warmup_steps=0)
+    opt = so.AdamW(m.parameters(), lr=0.02, betas=(0.8, 0.95), eps=1e-6, warmup_steps=0, sparse_beta1=0.3)
     backward(m, 0)
     p = next(m.parameters())
     g = p.grad.clone()
@@ -128,7 +128,7 @@ def test_noise_correction_estimates_the_mean_gradients_second_moment():
     """P ranks: v_hat / P + (1 - 1/P) m_hat^2 in place of v_hat; P = 1 (or the option off) leaves Adam alone."""
     m = model()
     p = next(m.parameters())
-    kw = {"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6, "warmup_steps": 0}
+    kw = {"lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-6, "warmup_steps": 0, "sparse_beta1": None}
     four, one = so.AdamW(m.parameters(), world_size=4, **kw), so.AdamW(m.parameters(), world_size=1, **kw)
     off = so.AdamW(m.parameters(), world_size=4, noise_correction=False, **kw)
     for t in range(3):  # several steps, so that m_hat^2 and v_hat differ
@@ -152,6 +152,29 @@ def test_noise_correction_estimates_the_mean_gradients_second_moment():
         if t:  # (at the first step m_hat^2 = v_hat = g^2: nothing to correct)
             assert (seen[0] - seen[1]).abs().max() > 1e-3 * seen[1].abs().max()
     assert four.world_size == 4 and so.AdamW(m.parameters()).world_size == 1  # no process group here
+
+
+def test_sparse_beta1_takes_over_after_the_warmup_with_exact_bias_correction():
+    m = model()
+    p = next(m.parameters())
+    opt = so.AdamW(m.parameters(), lr=0.01, betas=(0.9, 0.99), warmup_steps=2, sparse_beta1=0.5, world_size=1)
+    mom, weight = torch.zeros_like(p), 0.0
+    for t in range(5):
+        m.zero_grad()
+        backward(m, t)
+        beta1 = 0.9 if t < 2 else 0.5
+        g = p.grad.clone()
+        mom, weight = beta1 * mom + (1 - beta1) * g, beta1 * weight + (1 - beta1)  # sum of the EMA's weights
+        if t >= 2:
+            v_hat = opt.state[p]["exp_avg_sq"] * 0.99 + 0.01 * g * g
+            v_hat = v_hat / (1 - 0.99 ** (t + 1))
+            wires = {q: opt.to_wire(q, q.grad) for q in m.parameters()}
+            torch.testing.assert_close(wires[p], 0.01 * (mom / weight) / (v_hat.sqrt() + 1e-8))
+            for q, w in wires.items():
+                q.grad = w
+        opt.step()
+        torch.testing.assert_close(opt.state[p]["exp_avg"], mom)
+    assert opt.state[p]["exp_avg_weight"] == pytest.approx(weight)
 
 
 def test_sparse_step_without_exchange_raises_and_foreign_param_is_rejected():
@@ -257,7 +280,10 @@ def test_grad_scaler_unscales_the_update_and_skips_overflow_without_touching_sta
     assert all(torch.equal(p, w) for p, w in zip(a.parameters(), weights))
     after = ours.state_dict()
     assert after["exchange"] == state["exchange"]
-    assert all(torch.equal(after["state"][i][k], state["state"][i][k]) for i in state["state"] for k in state["state"][i])
+    for i, saved in state["state"].items():
+        for k, value in saved.items():
+            now = after["state"][i][k]
+            assert torch.equal(now, value) if torch.is_tensor(value) else now == value, (i, k)
 
 
 def _scaled_backward(m, step, scaler):

@@ -157,16 +157,21 @@ class ReferenceExchange:
                 "optimizer": self.optimizer.stats()}
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's residuals (by parameter name) and counters; they differ per rank."""
-        return {"residuals": {n: r.clone() for n, r in self.residuals.items()}, "telemetry": dict(self._telemetry),
-                "bytes": (self.backend.bytes_sent, self.backend.bytes_received), "density": self.density}
+        """This rank's residuals (by parameter name) and counters; they differ per rank. The layout is the DDP
+        hook's (``feedback``/``compressor``/``telemetry``), so ``sparsedist.checkpoint`` can re-shard it onto
+        a different world size."""
+        return {"feedback": {"enabled": self.error_feedback,
+                             "residuals": {n: r.clone() for n, r in self.residuals.items()}},
+                "compressor": {}, "telemetry": {**self._telemetry, "bytes_sent": self.backend.bytes_sent,
+                                                "bytes_received": self.backend.bytes_received}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        names = {n for n, _ in self.named}
-        unknown = set(state["residuals"]) - names
+        residuals = state["feedback"]["residuals"]
+        unknown = set(residuals) - {n for n, _ in self.named}
         if unknown:
             raise ValueError(f"residuals for parameters this model does not have: {sorted(unknown)[:5]}")
-        self.residuals = {n: r.clone() for n, r in state["residuals"].items()}
-        self._telemetry = dict(state["telemetry"])
-        self.backend.bytes_sent, self.backend.bytes_received = state["bytes"]
-
+        self.residuals = {n: r.clone() for n, r in residuals.items()}
+        telemetry = dict(state.get("telemetry") or {})  # empty after re-sharding: counting starts again
+        self.backend.bytes_sent = telemetry.pop("bytes_sent", 0)
+        self.backend.bytes_received = telemetry.pop("bytes_received", 0)
+        self._telemetry = {k: telemetry.get(k, 0) for k in self._telemetry}
