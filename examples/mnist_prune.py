@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=1, help="prune-retrain: number of prunings (1: one-shot)")
     p.add_argument("--weights", choices=sp.prune_retrain.WEIGHT_RESETS, default="keep",
                    help="prune-retrain: surviving weights keep their values, rewind, or are re-initialised")
-    p.add_argument("--rewind-step", type=int, default=0, help="prune-retrain --weights rewind: the step rewound to")
+    p.add_argument("--rewind-at", type=float, default=0.0, help="prune-retrain --weights rewind: the step rewound "
+                   "to, as a fraction of the dense training phase")
     p.add_argument("--no-dead", action="store_true", help="prune-retrain: keep dead neurons")
     p.add_argument("--flops", type=float, default=0.5, help="structured: fraction of forward FLOPs kept")
     p.add_argument("--fraction", type=float, default=None, help="structured: fraction of neurons removed per "
@@ -210,9 +211,10 @@ def run(args) -> dict:
                                             budget=args.budget, score=args.score, seed=args.seed)
     elif args.method == "prune-retrain":
         phase = T // (args.rounds + 1)
-        sparse = sp.PruneRetrain(net, opt, args.sparsity, train_steps=T - args.rounds * phase, retrain_steps=phase,
+        first = T - args.rounds * phase
+        sparse = sp.PruneRetrain(net, opt, args.sparsity, train_steps=first, retrain_steps=phase,
                                  rounds=args.rounds, budget=args.budget, score=args.score, weights=args.weights,
-                                 rewind_step=args.rewind_step, lr_schedule=cosine(phase), seed=args.seed,
+                                 rewind_step=int(args.rewind_at * first), lr_schedule=cosine(phase), seed=args.seed,
                                  remove_dead=not args.no_dead)
     if sparse is not None:
         if args.mask_aware:

@@ -174,3 +174,12 @@ def test_dense_export_and_the_cpu_limit_of_two_four():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             to_semi_structured(nn.Sequential(nn.Linear(64, 64)))
+
+
+def test_batchnorm_folding_on_export():
+    model = randomise_norms(cnn())
+    out = export_dense(model)
+    assert isinstance(out[1], nn.Identity) and isinstance(out[6], nn.BatchNorm2d)  # 6 follows a ReLU: kept
+    x = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+    assert isinstance(model[1], nn.BatchNorm2d)  # the original is untouched

@@ -42,6 +42,27 @@ def weights(model):
     return {n: m.weight for n, m in linears(model).items()}
 
 
+def check_resume(fresh, total, split):
+    """Train ``total`` steps at once, and ``split`` steps, save (torch.save), load into fresh objects and train the
+    rest: the parameters must be equal. Returns (uninterrupted objects, the saved sparsity state, resumed objects)."""
+    model, opt, sparse = fresh()
+    train(model, opt, sparse, total)
+    model2, opt2, sparse2 = fresh()
+    train(model2, opt2, sparse2, split)
+    buf = io.BytesIO()
+    torch.save({"m": model2.state_dict(), "o": opt2.state_dict(), "s": sparse2.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    model3, opt3, sparse3 = fresh()
+    model3.load_state_dict(saved["m"])
+    opt3.load_state_dict(saved["o"])
+    sparse3.load_state_dict(saved["s"])
+    train(model3, opt3, sparse3, total - split, start=split)
+    for a, b in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(a, b)
+    return (model, opt, sparse), saved["s"], (model3, opt3, sparse3)
+
+
 # -- the cubic schedule ----------------------------------------------------------------------------------
 def test_cubic_schedule_matches_zhu_and_gupta():
     s = PruningSchedule(final_sparsity=0.9, begin_step=100, end_step=400, frequency=100)
@@ -167,22 +188,8 @@ def test_gmp_resume_from_state_dict_is_exact():
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         return model, opt, GradualMagnitudePruning(model, opt, 0.9, begin_step=3, end_step=12, frequency=3,
                                                    budget="erk", score="taylor")
-    model, opt, gmp = fresh()
-    train(model, opt, gmp, 16)
-    model2, opt2, gmp2 = fresh()
-    train(model2, opt2, gmp2, 8)
-    buf = io.BytesIO()
-    torch.save({"m": model2.state_dict(), "o": opt2.state_dict(), "s": gmp2.state_dict()}, buf)
-    assert gmp2.state_dict()["taylor"]["steps"] == 1  # saved within the window 7..9 of pruning step 9
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
-    model3, opt3, gmp3 = fresh()
-    model3.load_state_dict(saved["m"])
-    opt3.load_state_dict(saved["o"])
-    gmp3.load_state_dict(saved["s"])
-    train(model3, opt3, gmp3, 8, start=8)
-    for a, b in zip(model.parameters(), model3.parameters()):
-        assert torch.equal(a, b)
+    (model, opt, gmp), saved, (model3, opt3, gmp3) = check_resume(fresh, 16, 8)
+    assert saved["taylor"]["steps"] == 1  # saved within the window 7..9 of pruning step 9
     assert gmp3.step_count == 16 and gmp3.mask_version >= 1
     assert "GradualMagnitudePruning" in repr(gmp3) and "budget='erk'" in repr(gmp3)
 
@@ -289,3 +296,32 @@ def test_state_dict_validation_names_the_problem():
     with pytest.raises(ValueError, match="snapshot"):
         _pr("rewind")[2].load_state_dict(state)
     assert sparsedist.PruneRetrain is PruneRetrain and sparsedist.GradualMagnitudePruning is GradualMagnitudePruning
+
+
+def test_prune_retrain_resume_from_state_dict_is_exact():
+    def fresh():
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        pr = PruneRetrain(model, opt, 0.8, train_steps=6, retrain_steps=4, rounds=2, weights="rewind", rewind_step=3,
+                          lr_schedule=lambda t: 1.0 / (1 + t), score="taylor", score_window=3)
+        return model, opt, pr
+    (model, opt, pr), saved, (model3, opt3, pr3) = check_resume(fresh, 14, 8)
+    assert saved["snapshot"] is not None and saved["step"] == 8  # after the first pruning; snapshot of step 3
+    assert opt3.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_prune_retrain_on_an_untraceable_model_says_what_to_do():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x) if x.sum() > 0 else x)
+
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="remove_dead=False"):
+        PruneRetrain(model, opt, 0.5, train_steps=2, retrain_steps=2)
+    pr = PruneRetrain(model, opt, 0.5, train_steps=2, retrain_steps=2, remove_dead=False)
+    assert pr.prune_steps() == [2]

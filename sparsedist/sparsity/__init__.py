@@ -21,7 +21,8 @@ Nothing here imports the DDP communication hook; the hook consumes the mask-prov
 
 from .base import MaskedSparsity
 from .distributions import erk_densities, layer_counts, layer_densities, uniform_densities
-from .export import CSRConv2d, CSRLinear, export_dense, save_inference, storage_bytes, to_semi_structured, to_sparse_csr
+from .export import (CSRConv2d, CSRLinear, export_dense, fold_batchnorm, save_inference, storage_bytes,
+                     to_semi_structured, to_sparse_csr)
 from .gmp import GMP, GradualMagnitudePruning
 from .graph import LayerPair, find_layer_pairs
 from .masks import DEFAULT_LAYER_TYPES, mask_checksum, random_mask, select_parameters, top_n
@@ -67,6 +68,7 @@ __all__ = [
     "count_flops",
     "fraction_for_flops",
     "export_dense",
+    "fold_batchnorm",
     "to_sparse_csr",
     "to_semi_structured",
     "save_inference",

@@ -1,10 +1,12 @@
 """Export pruned models for inference, in forms that load and run without sparsedist.
 
 * A structurally pruned model (:func:`~sparsedist.sparsity.structured.structured_prune`) already is a plain,
-  smaller ``nn.Module``: :func:`export_dense` returns an unwrapped copy in eval mode.
+  smaller ``nn.Module``: :func:`export_dense` returns an unwrapped copy in eval mode, with every BatchNorm that
+  directly follows a Conv or Linear layer folded into it (:func:`fold_batchnorm`; the usual inference step).
 * An unstructured one: :func:`to_sparse_csr` replaces every Linear and Conv2d (``groups=1``) whose weight is
   sparse enough by a module holding the weight as a ``torch.sparse`` CSR matrix (``int32`` indices): Linear
-  computes ``W_csr @ x^T``; Conv2d unfolds its input (im2col) and computes ``W_csr @ columns``.
+  computes ``W_csr @ x^T``; Conv2d lays its input out as columns (im2col, one copy) and computes
+  ``W_csr @ columns``.
 * 2:4 (N:M) semi-structured sparsity: :func:`~sparsedist.sparsity.scores.nm_mask` makes the masks anywhere;
   :func:`to_semi_structured` converts Linear weights with ``torch.sparse.to_sparse_semi_structured``, which
   PyTorch implements for CUDA GPUs only (compute capability 8.0 and later, fp16/bf16; its CPU call raises),
@@ -22,10 +24,12 @@ import os
 import warnings
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-__all__ = ["export_dense", "to_sparse_csr", "to_semi_structured", "save_inference", "storage_bytes",
+__all__ = ["export_dense", "fold_batchnorm", "to_sparse_csr", "to_semi_structured", "save_inference", "storage_bytes",
            "CSRLinear", "CSRConv2d"]
 
 
@@ -72,23 +76,69 @@ class CSRConv2d(nn.Module):
         self.register_buffer("bias", conv.bias.detach().clone() if conv.bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, h, w = x.shape[0], x.shape[2], x.shape[3]
+        n = x.shape[0]
         kh, kw = self.kernel_size
-        oh = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        ow = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
-        flat = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C*kh*kw, N*L)
-        y = (self.weight @ flat).reshape(self.out_channels, n, oh * ow).transpose(0, 1)
+        ph, pw = self.padding
+        xp = F.pad(x, [pw, pw, ph, ph]) if ph > 0 or pw > 0 else x
+        # im2col as one copy: windows as views (N, C, OH, OW, kh, kw), laid out as (C * kh * kw, N * OH * OW)
+        win = xp.unfold(2, self.dilation[0] * (kh - 1) + 1, self.stride[0])
+        win = win.unfold(3, self.dilation[1] * (kw - 1) + 1, self.stride[1])
+        win = win[:, :, :, :, ::self.dilation[0], ::self.dilation[1]]
+        oh, ow = win.shape[2], win.shape[3]
+        cols = win.permute(1, 4, 5, 0, 2, 3).reshape(-1, n * oh * ow)
+        y = (self.weight @ cols).reshape(self.out_channels, n, oh, ow).transpose(0, 1)
         if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1)
-        return y.reshape(n, self.out_channels, oh, ow)
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> list[str]:
+    """Fold every eval-mode BatchNorm whose input is the output of a Conv or Linear layer (used nowhere else, each
+    module called once) into that layer's weight and bias, in place, and replace it by ``nn.Identity``.
+
+    Found by tracing with ``torch.fx``; a model that cannot be traced is left unchanged. Returns the names of the
+    folded BatchNorm modules. The folded model computes the same function in eval mode (up to rounding).
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - untraceable models are exported without folding
+        return []
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        layer, user = modules[node.target], next(iter(node.users))
+        if user.op != "call_module" or calls[node.target] != 1 or calls[user.target] != 1:
+            continue
+        bn = modules[user.target]
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None:
+            continue
+        if type(layer) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            fused = fuse_conv_bn_eval(layer, bn)
+        elif type(layer) is nn.Linear and isinstance(bn, nn.BatchNorm1d):
+            fused = fuse_linear_bn_eval(layer, bn)
+        else:
+            continue
+        for name, new in ((node.target, fused), (user.target, nn.Identity())):
+            parent, _, leaf = name.rpartition(".")
+            setattr(modules[parent] if parent else model, leaf, new)
+        folded.append(user.target)
+    return folded
 
 
 def export_dense(model: nn.Module) -> nn.Module:
-    """An unwrapped (no DDP) deep copy of ``model`` in eval mode, gradients off: what inference runs."""
+    """An unwrapped (no DDP) deep copy of ``model`` in eval mode, gradients off, BatchNorm folded into the layer
+    before it (:func:`fold_batchnorm`): what inference runs."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     out = copy.deepcopy(model).eval()
+    fold_batchnorm(out)
     for p in out.parameters():
         p.requires_grad_(False)
     return out

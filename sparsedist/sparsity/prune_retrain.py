@@ -96,11 +96,17 @@ class PruneRetrain(Pruning):
         self._base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self._snapshot: dict[str, torch.Tensor] | None = None
         self.dead_neurons: dict[str, int] = {}
+        self._pairs: list[LayerPair] = []
+        if remove_dead and layer_pairs is not None:
+            self._pairs = list(layer_pairs)
+        elif remove_dead:
+            try:
+                self._pairs = find_layer_pairs(model)
+            except ValueError as exc:
+                raise ValueError(f"remove_dead=True needs to know which layer feeds which: {exc}; or pass "
+                                 f"remove_dead=False") from exc
         super().__init__(model, optimizer, budget=budget, score=score, score_window=score_window, include=include,
                          seed=seed, process_group=process_group)
-        self._pairs: list[LayerPair] = []
-        if remove_dead:
-            self._pairs = list(layer_pairs) if layer_pairs is not None else find_layer_pairs(model)
         if rewind_step == 0 and weights == "rewind":
             self._take_snapshot()
 
