@@ -12,7 +12,8 @@ The public API is small:
 * :mod:`sparsedist.dist` — process-group set-up from torchrun, SLURM or MPI environment variables;
 * :mod:`sparsedist.guard` — cross-rank consistency checks;
 * :mod:`sparsedist.sparsity` — model sparsity: :class:`RigL`, :class:`SET`, :class:`StaticSparsity`, whose masks
-  the hook can use for mask-aware exchange (``register(ddp, "none", masks=rigl)``);
+  the hook can use for mask-aware exchange (``register(ddp, "none", masks=rigl)``), and pruning:
+  :class:`GradualMagnitudePruning`, :class:`PruneRetrain`, structured pruning and inference export;
 * :mod:`sparsedist.nn` — ephemeral sparsity: top-k / threshold activations, meProp sparse back-propagation;
 * :mod:`sparsedist.optim` — exchange-aware optimizers (the hook sends their update: AdamW, SGD) and packed
   optimizer state for masked parameters;
@@ -23,9 +24,10 @@ from . import checkpoint, collectives, compressors, dist, fsdp, guard, nn, optim
 from .hook import SparsifyState, sparsify_hook
 from .payload import SparseGrad
 from .register import register
-from .sparsity import SET, RigL, StaticSparsity
+from .sparsity import SET, GradualMagnitudePruning, PruneRetrain, RigL, StaticSparsity
 
 __version__ = "0.1.0"
 
 __all__ = ["register", "SparsifyState", "sparsify_hook", "SparseGrad", "compressors", "collectives", "checkpoint",
-           "dist", "guard", "nn", "optim", "fsdp", "sparsity", "RigL", "SET", "StaticSparsity", "__version__"]
+           "dist", "guard", "nn", "optim", "fsdp", "sparsity", "RigL", "SET", "StaticSparsity",
+           "GradualMagnitudePruning", "PruneRetrain", "__version__"]

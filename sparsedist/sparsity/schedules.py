@@ -7,6 +7,9 @@ Steps are counted from 0: step ``t`` is the ``t``-th call of ``optimizer.step()`
   fraction reaches 0 at ``T_end``, so an update there would change nothing.
 * drop fraction ``f(t)``: ``"cosine"`` (the paper's choice) ``f(t) = alpha / 2 * (1 + cos(pi * t / T_end))``,
   or ``"constant"`` ``f(t) = alpha`` (SET's original schedule).
+* :class:`PruningSchedule` (Zhu & Gupta 2017, "To prune, or not to prune", eq. 1): gradual pruning from
+  sparsity ``s_i`` to ``s_f`` between ``begin_step`` ``t_0`` and ``end_step`` ``t_0 + n * Delta t``,
+  ``s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (n Delta t))^3``, the masks pruned every ``Delta t`` steps.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-__all__ = ["cosine_drop_fraction", "UpdateSchedule", "ANNEALS"]
+__all__ = ["cosine_drop_fraction", "UpdateSchedule", "ANNEALS", "cubic_sparsity", "PruningSchedule"]
 
 ANNEALS = ("cosine", "constant")
 
@@ -86,3 +89,76 @@ class UpdateSchedule:
         new = UpdateSchedule(**state)
         self.update_every, self.end_step, self.alpha, self.anneal = (
             new.update_every, new.end_step, new.alpha, new.anneal)
+
+
+def cubic_sparsity(step: int, initial: float, final: float, begin: int, end: int, exponent: float = 3.0) -> float:
+    """Zhu & Gupta's sparsity at ``step``: ``final + (initial - final) * (1 - p)^exponent`` with
+    ``p = (step - begin) / (end - begin)`` clipped to [0, 1] (``initial`` before ``begin``, ``final`` from
+    ``end`` on; a step function at ``begin`` when ``end == begin``)."""
+    if end <= begin:
+        return float(final if step >= begin else initial)
+    p = min(max((step - begin) / (end - begin), 0.0), 1.0)
+    return float(final + (initial - final) * (1.0 - p) ** exponent)
+
+
+@dataclass
+class PruningSchedule:
+    """When gradual pruning prunes and to which sparsity (Zhu & Gupta 2017).
+
+    Attributes:
+        final_sparsity: ``s_f``, fraction of the sparsified weights pruned at the end, in [0, 1).
+        begin_step: ``t_0``, the first pruning step (>= 0).
+        end_step: the last pruning step (>= ``begin_step``); the sparsity is ``s_f`` from here on.
+        frequency: ``Delta t``, steps between pruning steps (>= 1). Pruning happens at ``t_0 + k Delta t``
+            and at ``end_step`` (also when ``end_step - t_0`` is not a multiple of ``Delta t``, so ``s_f``
+            is always reached).
+        initial_sparsity: ``s_i`` (default 0), in [0, ``s_f``].
+        exponent: 3 in the paper.
+    """
+
+    final_sparsity: float
+    begin_step: int
+    end_step: int
+    frequency: int = 100
+    initial_sparsity: float = 0.0
+    exponent: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("begin_step", "end_step", "frequency"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "frequency" else 0):
+                raise ValueError(f"{name} must be an int >= {1 if name == 'frequency' else 0}, got {v!r}")
+        if self.end_step < self.begin_step:
+            raise ValueError(f"end_step ({self.end_step}) must be >= begin_step ({self.begin_step})")
+        if not isinstance(self.final_sparsity, (int, float)) or not 0.0 <= self.final_sparsity < 1.0:
+            raise ValueError(f"final_sparsity must be in [0, 1) (fraction of weights pruned), got "
+                             f"{self.final_sparsity!r}")
+        if not isinstance(self.initial_sparsity, (int, float)) or \
+                not 0.0 <= self.initial_sparsity <= self.final_sparsity:
+            raise ValueError(f"initial_sparsity must be in [0, final_sparsity={self.final_sparsity}], got "
+                             f"{self.initial_sparsity!r}")
+        if not isinstance(self.exponent, (int, float)) or self.exponent <= 0:
+            raise ValueError(f"exponent must be > 0 (3 in Zhu & Gupta), got {self.exponent!r}")
+
+    def is_prune_step(self, step: int) -> bool:
+        """True iff the masks are pruned at (0-based) ``step``."""
+        return self.begin_step <= step <= self.end_step and (
+            (step - self.begin_step) % self.frequency == 0 or step == self.end_step)
+
+    def sparsity(self, step: int) -> float:
+        """The target sparsity ``s_t`` at ``step`` (cubic between the pruning steps' end points)."""
+        return cubic_sparsity(step, self.initial_sparsity, self.final_sparsity, self.begin_step, self.end_step,
+                              self.exponent)
+
+    def prune_steps(self) -> list[int]:
+        """Every pruning step, in order."""
+        steps = list(range(self.begin_step, self.end_step + 1, self.frequency))
+        return steps if steps[-1] == self.end_step else steps + [self.end_step]
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        new = PruningSchedule(**state)
+        for k, v in asdict(new).items():
+            setattr(self, k, v)
