@@ -90,6 +90,7 @@ def mnist_tasks(model: str, seed: int, claims: set[str]) -> dict[str, tuple]:
         t["small dense"] = mnist_task(model, seed, "--method", "dense", "--width", small_width(model, target))
     if claims & {"g"}:
         t["structured"] = mnist_task(model, seed, "--method", "structured", "--flops", 0.5)
+        t["structured /8"] = mnist_task(model, seed, "--method", "structured", "--flops", 0.5, "--round-to", 8)
     return t
 
 
@@ -240,8 +241,8 @@ def collect(store: Store, models: list[str], seeds: list[int], claims: set[str],
                     rows.setdefault("small dense: weights", []).append(r["weights"])
                 if label == "gmp 0.9":
                     rows.setdefault("gmp 0.9: non-zero weights", []).append(r["nonzero_weights"])
-                if label == "structured":
-                    rows.setdefault("structured: FLOPs ratio", []).append(r["pruned_flops"] / r["flops"])
+                if label.startswith("structured"):
+                    rows.setdefault(f"{label}: FLOPs ratio", []).append(r["pruned_flops"] / r["flops"])
         table[model] = {k: stat(v) for k, v in rows.items()}
     if gpt_seeds:
         rows = {}

@@ -11,6 +11,8 @@ or ``to_sparse_csr``): eval mode, BatchNorm folded into the convolution before i
 * ``dense``: the model itself;
 * ``structured``: :func:`sparsedist.sparsity.structured_prune`, per-layer L1 ranking, the removal fraction
   that keeps at most half of the forward FLOPs (``fraction_for_flops(..., 0.5)``): a smaller dense model;
+* ``structured /8``: the same with every layer keeping a multiple of 8 (``round_to=8``), which the FLOPs
+  search then takes below half;
 * ``csr@S``: unstructured global magnitude pruning to sparsity S, exported with ``to_sparse_csr`` (every
   pruned Linear / Conv2d runs as a CSR matrix product; convolutions through im2col); S = the structured
   model's weight sparsity ("same sparsity"), 0.9 and 0.95;
@@ -64,6 +66,8 @@ def variants(kind: str, seed: int = 0) -> dict[str, nn.Module]:
     fraction = sp.fraction_for_flops(dense, example, 0.5)
     structured, _ = sp.structured_prune(dense, fraction)
     out["structured"] = sp.export_dense(structured)
+    fraction = sp.fraction_for_flops(dense, example, 0.5, round_to=8)
+    out["structured /8"] = sp.export_dense(sp.structured_prune(dense, fraction, round_to=8)[0])
     same = 1.0 - sum(m.weight.numel() for m in structured.modules() if isinstance(m, (nn.Linear, nn.Conv2d))) / \
         sum(m.weight.numel() for m in dense.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
     for s in (same, 0.9, 0.95):

@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--fraction", type=float, default=None, help="structured: fraction of neurons removed per "
                    "layer (instead of --flops)")
     p.add_argument("--ranking", choices=["layer", "global"], default="layer", help="structured: L1 ranking")
+    p.add_argument("--round-to", type=int, default=1, help="structured: keep a multiple of this many neurons/filters "
+                   "per layer (8 suits CPU and GPU kernels)")
     p.add_argument("--oneshot", type=float, nargs="*", default=[], help="dense: evaluate one-shot pruning at "
                    "these sparsities (no retraining)")
     p.add_argument("--steps", type=int, default=None, help="training steps in all (default: mlp 3000, cnn 1500)")
@@ -238,8 +240,8 @@ def run(args) -> dict:
         result["dense_before_pruning"] = trainer.test(net)
         model.eval()
         fraction = args.fraction if args.fraction is not None else \
-            sp.fraction_for_flops(model, example, args.flops, ranking=args.ranking)
-        model, kept = sp.structured_prune(model, fraction, ranking=args.ranking)
+            sp.fraction_for_flops(model, example, args.flops, ranking=args.ranking, round_to=args.round_to)
+        model, kept = sp.structured_prune(model, fraction, ranking=args.ranking, round_to=args.round_to)
         result.update(fraction=fraction, kept={k: int(v.numel()) for k, v in kept.items()},
                       pruned_flops=sp.count_flops(model, example), after_pruning=[trainer.test(model)])
         model.train()

@@ -119,6 +119,31 @@ def test_l1_ranking_and_per_layer_fractions():
         select_neurons(scores, 0.5, "random")
 
 
+def test_round_to_keeps_multiples_and_the_best_ranked():
+    scores = {"a": torch.arange(16.0), "b": torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0]), "c": torch.arange(32.0)}
+    kept = select_neurons(scores, 0.25, "layer", round_to=4)  # a: 12 -> 12; b: 4 -> 4; c: 24 -> 24
+    assert [kept[n].numel() for n in "abc"] == [12, 4, 24]
+    kept = select_neurons(scores, 0.3, "layer", round_to=8)  # a: 11 -> 8; b: 4 -> all 5 (capped); c: 22 -> 16
+    assert kept["a"].tolist() == list(range(8, 16)) and kept["b"].tolist() == [0, 1, 2, 3, 4]
+    assert kept["c"].tolist() == list(range(16, 32))
+    small = select_neurons({"a": torch.arange(16.0)}, 0.9, "layer", round_to=4)  # 2 kept -> grown to the best 4
+    assert small["a"].tolist() == [12, 13, 14, 15]
+    glob = select_neurons(scores, 0.3, "global", round_to=4)
+    assert all(v.numel() % 4 == 0 or v.numel() == scores[n].numel() for n, v in glob.items())
+    with pytest.raises(ValueError, match="round_to"):
+        select_neurons(scores, 0.3, round_to=0)
+
+
+def test_round_to_through_the_surgery_and_the_flops_search():
+    model = randomise_norms(cnn())
+    x = torch.randn(4, 1, 16, 16)
+    f = fraction_for_flops(model, x[:1], 0.5, round_to=4)
+    pruned, kept = structured_prune(model, f, round_to=4)
+    assert all(v.numel() % 4 == 0 for v in kept.values())
+    assert count_flops(pruned, x[:1]) <= 0.5 * count_flops(model, x[:1])
+    assert pruned(x).shape == (4, 5)
+
+
 def test_flops_and_the_fraction_that_halves_them():
     model = cnn().eval()
     x = torch.randn(1, 1, 16, 16)
