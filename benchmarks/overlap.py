@@ -1,14 +1,16 @@
 """Does the sparse exchange hide behind the backward pass? Step times of top-k with and without overlap.
 
-    sudo python launch/emulate_cluster.py -n 2 --rate 100mbit -- python benchmarks/overlap.py --json docs/overlap.json
+    sudo python launch/emulate_cluster.py -n 2 --rate 100mbit -- python benchmarks/overlap.py \
+        --json docs/overlap_100mbit.json
+    torchrun --nproc_per_node=2 benchmarks/overlap.py --json docs/overlap_loopback.json   # loopback
     torchrun --nproc_per_node=2 benchmarks/overlap.py --width 256 --depth 4 --steps 5     # loopback, small
 
 A deep MLP, 784 -> W -> ... -> W -> 10 with ``--depth`` hidden layers (12 x 1450: 25.2M parameters; synthetic
 inputs, the shapes are what matter), batch 32 per rank, SGD, DDP buckets of ``--bucket-mb`` (4 MB: about one
 layer each). Overlap needs layers whose gradients arrive one after another: a bucket's exchange can hide only
 behind the backward pass of the layers before it (the first layer's bucket comes last and cannot hide at all), so
-the tail of the step is the last bucket's exchange. Measured in one run, per density (1 % and 0.1 % by default), the median over ``--steps`` steps of
-the slowest rank:
+the tail of the step is the last bucket's exchange. Measured in one run, per selection mode (``--modes``: exact
+and sampled) and density (1 % and 0.1 % by default), the median over ``--steps`` steps of the slowest rank:
 
 * ``compute``: a training step whose hook returns the local gradient at once (no exchange at all);
 * ``exchange``: the hook's exchange of the same gradients alone, bucket after bucket, each waited for
@@ -78,7 +80,7 @@ def _steps(ddp, opt, batches, warmup: int) -> float:
     return _slowest(times)
 
 
-def _exchange_alone(args, density: float, batches, bucket_elements: int) -> float:
+def _exchange_alone(args, density: float, mode: str, batches, bucket_elements: int) -> float:
     """The hook's exchange of real gradients, bucket after bucket, with nothing to overlap."""
     torch.manual_seed(0)
     model = MLP(args.width, args.depth)
@@ -91,7 +93,7 @@ def _exchange_alone(args, density: float, batches, bucket_elements: int) -> floa
             current = []
     if current:
         buckets.append(current)
-    state = sparsedist.SparsifyState(list(model.named_parameters()), "topk", density=density)
+    state = sparsedist.SparsifyState(list(model.named_parameters()), "topk", density=density, mode=mode)
     times = []
     for i, (x, y) in enumerate(batches):
         model.zero_grad()
@@ -114,6 +116,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out at the start of each configuration")
     ap.add_argument("--densities", default="0.01,0.001")
+    ap.add_argument("--modes", default="exact,sampled", help="top-k selection: torch.topk, or DGC's sampled "
+                    "threshold (a fraction of the local work)")
     ap.add_argument("--bucket-mb", type=float, default=4.0, help="DDP's bucket_cap_mb")
     ap.add_argument("--json", type=Path, help="rank 0 writes the rows here")
     args = ap.parse_args(argv)
@@ -135,19 +139,20 @@ def main(argv=None) -> list[dict]:
 
     compute = _steps(*build(), batches, args.warmup)
     rows = []
-    for d in (float(x) for x in args.densities.split(",")):
-        exchange = _exchange_alone(args, d, batches, bucket_elements)
-        overlapped = _steps(*build(density=d), batches, args.warmup)
-        synchronous = _steps(*build(density=d, timeout=600.0), batches, args.warmup)
-        row = {"density": d, "parameters": numel, "ranks": world, "compute_s": compute, "exchange_s": exchange,
-               "overlapped_s": overlapped, "synchronous_s": synchronous,
-               "overlapped_vs_max": overlapped / max(compute, exchange),
-               "synchronous_vs_sum": synchronous / (compute + exchange)}
-        rows.append(row)
-        if rank == 0:
-            print(f"top-k {d:.3%}: compute {compute:.3f} s, exchange {exchange:.3f} s, overlapped step "
-                  f"{overlapped:.3f} s ({row['overlapped_vs_max']:.2f}x max), synchronous step {synchronous:.3f} s "
-                  f"({row['synchronous_vs_sum']:.2f}x sum)", flush=True)
+    for mode in args.modes.split(","):
+        for d in (float(x) for x in args.densities.split(",")):
+            exchange = _exchange_alone(args, d, mode, batches, bucket_elements)
+            overlapped = _steps(*build(density=d, mode=mode), batches, args.warmup)
+            synchronous = _steps(*build(density=d, mode=mode, timeout=600.0), batches, args.warmup)
+            row = {"density": d, "mode": mode, "parameters": numel, "ranks": world, "compute_s": compute,
+                   "exchange_s": exchange, "overlapped_s": overlapped, "synchronous_s": synchronous,
+                   "overlapped_vs_max": overlapped / max(compute, exchange),
+                   "synchronous_vs_sum": synchronous / (compute + exchange)}
+            rows.append(row)
+            if rank == 0:
+                print(f"top-k {d:.3%} ({mode}): compute {compute:.3f} s, exchange {exchange:.3f} s, overlapped "
+                      f"step {overlapped:.3f} s ({row['overlapped_vs_max']:.2f}x max), synchronous step "
+                      f"{synchronous:.3f} s ({row['synchronous_vs_sum']:.2f}x sum)", flush=True)
     if rank == 0 and args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     sparsedist.dist.shutdown()

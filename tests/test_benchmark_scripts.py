@@ -117,7 +117,7 @@ def test_density_sweep_end_to_end_smoke(tmp_path):
 
 
 def test_overlap_benchmark_smoke(tmp_path):
-    """benchmarks/overlap.py on loopback, tiny: the four times and both ratios come out for each density."""
+    """benchmarks/overlap.py on loopback, tiny: the four times and both ratios come out for each mode and density."""
     out = tmp_path / "overlap.json"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -129,7 +129,9 @@ def test_overlap_benchmark_smoke(tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["density"] for r in rows] == [0.05, 0.5] and all(r["ranks"] == 2 for r in rows)
+    assert [(r["mode"], r["density"]) for r in rows] == [("exact", 0.05), ("exact", 0.5), ("sampled", 0.05),
+                                                          ("sampled", 0.5)]
+    assert all(r["ranks"] == 2 for r in rows)
     for r in rows:
         assert min(r["compute_s"], r["exchange_s"], r["overlapped_s"], r["synchronous_s"]) > 0
         assert r["overlapped_vs_max"] == r["overlapped_s"] / max(r["compute_s"], r["exchange_s"])
