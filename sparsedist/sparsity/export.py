@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from .graph import module_calls
+
 __all__ = ["export_dense", "fold_batchnorm", "to_sparse_csr", "to_semi_structured", "save_inference", "storage_bytes",
            "CSRLinear", "CSRConv2d"]
 
@@ -105,10 +107,7 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
     except Exception:  # noqa: BLE001 - untraceable models are exported without folding
         return []
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_calls(graph)
     folded = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.users) != 1:

@@ -20,7 +20,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerPair", "find_layer_pairs", "PRODUCERS", "CHANNELWISE"]
+__all__ = ["LayerPair", "find_layer_pairs", "module_calls", "PRODUCERS", "CHANNELWISE"]
 
 #: layers whose output neurons / filters can be removed (Conv with groups=1 only)
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -116,6 +116,15 @@ def _follow(node: torch.fx.Node, modules: dict[str, nn.Module]
         cur = nxt
 
 
+def module_calls(graph: torch.fx.Graph) -> dict[str, int]:
+    """Module name -> how many times the traced graph calls it (a module called twice shares its weights)."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
 def find_layer_pairs(model: nn.Module) -> list[LayerPair]:
     """The (producer, consumer) pairs of ``model`` (see the module documentation), in graph order.
 
@@ -138,10 +147,7 @@ def find_layer_pairs(model: nn.Module) -> list[LayerPair]:
                          f"({type(exc).__name__}: {exc}); list the pairs by hand as "
                          f"sparsedist.sparsity.LayerPair(producer, consumer, norm, between, repeat)") from exc
     modules = dict(root.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_calls(graph)
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not _removable(modules[node.target]):
