@@ -24,7 +24,7 @@ from sparsedist.compressors.base import count_for_density
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "jobs" / "horovod_job.py"
-SCENARIOS = "parity,bytes,mass,zero_count,dense,api,backend"
+SCENARIOS = "parity,bytes,mass,zero_count,dense,optim,api,backend"
 MNIST_MLP_SIZES = [784 * 512, 512, 512 * 256, 256, 256 * 10, 10]  # the MLP of examples/mnist.py
 
 
@@ -162,6 +162,24 @@ def test_dense_path_equals_horovod_distributed_optimizer(results):
         s = d["stats"]
         assert s["collectives"] == {"allreduce": 4} and s["compression_ratio"] == 1.0
         assert s["bytes_sent"] == s["bytes_dense"] == 4 * ring_allreduce_bytes(d["sparsedist"].numel(), 4, world)
+
+
+def test_exchange_aware_optimizer_sends_its_update_as_the_reference_does(results):
+    """sparsedist.optim.AdamW / SGD wrapped by the Horovod optimizer: dense warm-up, then each rank's update on the
+    wire, bit for bit what ReferenceExchange computes (at 3 ranks Horovod's ring sums the warm-up in another
+    order), with identical ranks."""
+    world = len(results)
+    for kind in ("adamw", "sgd"):
+        for r in results:
+            hvd_flat, ref = r["optim"][(kind, "horovod")], r["optim"][(kind, "reference")]
+            assert torch.equal(hvd_flat, results[0]["optim"][(kind, "horovod")]), kind
+            if world == 2:
+                assert torch.equal(hvd_flat, ref), kind
+            else:
+                torch.testing.assert_close(hvd_flat, ref, rtol=1e-5, atol=1e-6, msg=kind)
+            stats = r["optim"][(kind, "stats")]
+            assert stats["optimizer"]["warmup_steps"] == 2 and stats["optimizer"]["warmup_over"], stats
+            assert stats["collectives"].get("allgather", 0) == 4, stats  # 6 steps: 2 dense, 4 sparse
 
 
 def test_optimizer_api(results):

@@ -29,6 +29,7 @@ import torch.nn as nn  # noqa: E402
 
 from sparsedist.collectives.backend import TorchBackend  # noqa: E402
 from sparsedist.collectives.choose import CostModel  # noqa: E402
+import sparsedist.optim as so  # noqa: E402
 from sparsedist.horovod import DistributedOptimizer, HorovodBackend  # noqa: E402
 from test_hook_ddp import CONFIGS, Linear1, Net, _batches, _flat, _train  # noqa: E402
 
@@ -151,6 +152,32 @@ def sc_dense(rank, size):
         out[label] = _flat(model)
         if label == "sparsedist":
             out["stats"] = opt.stats()
+    return out
+
+
+def sc_optim(rank, size):
+    """sparsedist.optim's AdamW and SGD (exchange-aware: the update goes on the wire, 2 dense warm-up steps) through
+    the Horovod optimizer, against sparsedist.optim.ReferenceExchange over torch.distributed, 6 steps."""
+    out = {}
+    for kind in ("adamw", "sgd"):
+        for path in ("horovod", "reference"):
+            model = Net()
+            base = (so.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1, warmup_steps=2,
+                             max_grad_norm=1.0) if kind == "adamw" else
+                    so.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, warmup_steps=2))
+            if path == "horovod":
+                opt = DistributedOptimizer(base, model.named_parameters(), "topk", density=0.1)
+            else:
+                opt, exchange = base, so.ReferenceExchange(model, base, density=0.1)
+            for x, y in _batches(rank, 6):
+                opt.zero_grad()
+                CE(model(x), y).backward()
+                if path == "reference":
+                    exchange()
+                opt.step()
+            out[(kind, path)] = _flat(model)
+            if path == "horovod":
+                out[(kind, "stats")] = opt.stats()
     return out
 
 
@@ -334,8 +361,8 @@ def sc_backend(rank, size):
     return out
 
 
-SCENARIOS = {f.__name__[3:]: f for f in (sc_parity, sc_bytes, sc_mass, sc_zero_count, sc_dense, sc_api,
-                                          sc_backend)}
+SCENARIOS = {f.__name__[3:]: f for f in (sc_parity, sc_bytes, sc_mass, sc_zero_count, sc_dense, sc_optim,
+                                          sc_api, sc_backend)}
 
 
 def _free_port() -> int:
