@@ -20,6 +20,16 @@ gradient clipping at 1.0, linear warm-up over 5 % of the steps then cosine decay
   noise-corrected second moment, beta1 0.5 in the sparse phase, one dense warm-up step), top-k with error
   feedback, ``max_grad_norm=1.0``.
 
+On real processes only (``--mode dist``; ``figure --model chargpt`` runs them with 2 ranks over loopback):
+
+* ``fp16``: DDP with PyTorch's ``fp16_compress_hook`` (the ring allreduce of fp16 copies: half of DDP's bytes);
+* ``powersgd-r2``, ``powersgd-r4``: DDP with PyTorch's ``powerSGD_hook`` at rank 2 / 4 (error feedback, warm
+  start, 2 dense steps first; one DDP bucket); bytes from its own counters of the elements it allreduces (each
+  compressed matrix's P and Q, the other tensors whole), as fp32 ring allreduces;
+* ``sparse-adamw-hook``: ``sparse-adamw`` through sparsedist's DDP hook,
+  ``sparsedist.register(ddp, "topk", density=..., value_dtype=..., optimizer=opt)`` (what a user writes; the
+  same losses as ``ReferenceExchange``, tested), used by ``benchmarks/adam_cluster.py``.
+
 Both sparse methods send values in ``--value-dtype`` (default float16, with int32 indices; error feedback keeps
 the rounding): at 1 % and two workers that is about 65x fewer bytes than DDP's fp32 ring allreduce, where fp32
 values give about 49x.
