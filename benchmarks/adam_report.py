@@ -94,7 +94,7 @@ def _plot(records: list[dict], path: Path, model: str) -> None:
     palette = itertools.cycle(["tab:blue", "tab:cyan", "tab:green", "tab:olive", "tab:purple", "tab:orange"])
     for (method, density, steps), rs in _groups(records).items():
         color = colors.get(method) or next(palette)
-        label = f"{method} {density:g} ({steps} steps)" if method != "ddp" else f"DDP ({steps} steps)"
+        label = f"{method} {density:g} ({steps} steps)" if density < 1 else f"{method} ({steps} steps)"
         xs = [h[0] for h in rs[0]["history"]]
         losses = [[h[1] for h in r["history"]] for r in rs]
         mean = [statistics.mean(c) for c in zip(*losses)]

@@ -91,3 +91,22 @@ def test_report_states_each_target_with_its_verdict(tmp_path):
     assert "density 0.001 in 1.5x DDP's steps: loss 2.1000 vs 2.0100 + 0.02: **missed** (+0.0900)" in text
     assert "66.7x fewer after warm-up" in text  # 4000 per dense step against 60 per sparse step
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def _cluster_record(losses, seconds, steps, wire):
+    return {"history": [[25 * (i + 1), x, 0] for i, x in enumerate(losses)], "train_seconds": seconds,
+            "steps": steps, "final": losses[-1], "links": {"tx_bytes_per_rank": wire}}
+
+
+def test_cluster_report_measures_the_communication_share_and_the_time_to_ddps_loss():
+    adam_cluster = importlib.import_module("adam_cluster")
+    res = {"rate": "20mbit", "seed": 0, "tolerance": 0.02, "target": 2.0,
+           "probe": {"history": [[30, 3.0, 0]], "train_seconds": [6.0]},                 # 0.2 s/step on loopback
+           "ddp": _cluster_record([2.1, 2.01, 2.0], [25.0, 50.0, 75.0], 75, 75e6),       # 1.0 s/step on the links
+           "fp16": _cluster_record([2.1, 2.0], [15.0, 30.0], 75, 50e6),
+           "sparse-adamw-hook": _cluster_record([2.2, 2.05, 2.015, 1.99], [5.0, 10.0, 15.0, 20.0], 150, 1e6)}
+    text = adam_cluster.report(res)
+    assert "**80 %** of its step is communication" in text
+    assert "| fp16 | 50 (75) | 2.0000 | step 50 | 30 | **2.50x** | step 50 | 30 | **1.67x** |" in text
+    assert "| sparse-adamw-hook | 100 (150) | 1.9900 | step 100 | 20 | **3.75x** | step 75 | 15 | **3.33x** |" in text
+    assert adam_cluster.first_at(res["fp16"], 1.9) is None
