@@ -92,7 +92,9 @@ def _plot(records: list[dict], path: Path, model: str) -> None:
     colors = {"ddp": "k", "topk-grad": "tab:red", "fp16": "tab:gray", "powersgd-r2": "tab:brown",
               "powersgd-r4": "tab:pink"}
     palette = itertools.cycle(["tab:blue", "tab:cyan", "tab:green", "tab:olive", "tab:purple", "tab:orange"])
-    for (method, density, steps), rs in _groups(records).items():
+    groups = _groups(records)
+    top = max(3.0, max(statistics.mean(r["final"] for r in rs) for rs in groups.values()) + 0.2)  # every curve's end
+    for (method, density, steps), rs in groups.items():
         color = colors.get(method) or next(palette)
         label = f"{method} {density:g} ({steps} steps)" if density < 1 else f"{method} ({steps} steps)"
         xs = [h[0] for h in rs[0]["history"]]
@@ -109,7 +111,7 @@ def _plot(records: list[dict], path: Path, model: str) -> None:
     ax_b.set_xscale("log")
     for ax in (ax_s, ax_b):
         ax.set_ylabel("validation loss (nats/char)")
-        ax.set_ylim(top=3.0)
+        ax.set_ylim(top=top)
         ax.grid(alpha=0.3)
     ax_s.legend(fontsize=8)
     fig.suptitle(f"{model}: AdamW, {records[0]['workers']} workers, mean of seeds (band: min-max)")
