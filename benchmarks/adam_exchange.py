@@ -309,7 +309,8 @@ DDP_STEPS = 300
 FIGURE_RUNS = [("ddp", 1.0, 1.0, (0, 1, 2)), ("topk-grad", 0.01, 1.0, (0, 1, 2)),
                ("sparse-adamw", 0.01, 1.0, (0, 1, 2)), ("sparse-adamw", 0.01, 1.2, (0, 1, 2)),
                ("sparse-adamw", 0.001, 1.5, (0, 1, 2))]
-LONGER_RUNS = {"chargpt": [("sparse-adamw", 0.01, 1.5, (0,)), ("sparse-adamw", 0.01, 2.0, (0,))]}
+LONGER_RUNS = {"chargpt": [("sparse-adamw", 0.01, 1.5, (0,)), ("sparse-adamw", 0.01, 2.0, (0,)),
+                           ("sparse-adamw", 0.001, 2.0, (0,))]}
 # PyTorch's own compression hooks at DDP's steps, on real processes over loopback (--mode dist)
 DIST_RUNS = {"chargpt": [("fp16", 1.0, 1.0, (0, 1, 2)), ("powersgd-r2", 1.0, 1.0, (0, 1, 2)),
                          ("powersgd-r4", 1.0, 1.0, (0, 1, 2))]}
