@@ -20,6 +20,16 @@ gradient clipping at 1.0, linear warm-up over 5 % of the steps then cosine decay
   noise-corrected second moment, beta1 0.5 in the sparse phase, one dense warm-up step), top-k with error
   feedback, ``max_grad_norm=1.0``.
 
+On real processes only (``--mode dist``; ``figure --model chargpt`` runs them with 2 ranks over loopback):
+
+* ``fp16``: DDP with PyTorch's ``fp16_compress_hook`` (the ring allreduce of fp16 copies: half of DDP's bytes);
+* ``powersgd-r2``, ``powersgd-r4``: DDP with PyTorch's ``powerSGD_hook`` at rank 2 / 4 (error feedback, warm
+  start, 2 dense steps first; one DDP bucket); bytes from its own counters of the elements it allreduces (each
+  compressed matrix's P and Q, the other tensors whole), as fp32 ring allreduces;
+* ``sparse-adamw-hook``: ``sparse-adamw`` through sparsedist's DDP hook,
+  ``sparsedist.register(ddp, "topk", density=..., value_dtype=..., optimizer=opt)`` (what a user writes; the
+  same losses as ``ReferenceExchange``, tested), used by ``benchmarks/adam_cluster.py``.
+
 Both sparse methods send values in ``--value-dtype`` (default float16, with int32 indices; error feedback keeps
 the rounding): at 1 % and two workers that is about 65x fewer bytes than DDP's fp32 ring allreduce, where fp32
 values give about 49x.
@@ -58,11 +68,16 @@ import sparsedist.dist  # noqa: E402
 import sparsedist.optim as so  # noqa: E402
 from adam_report import write_report  # noqa: E402  (benchmarks/adam_report.py: the table and the plot)
 from char_gpt import CharData, CharGPT  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from sparsedist.collectives import ring_allreduce_bytes  # noqa: E402
 from sparsedist.datasets import tinyshakespeare  # noqa: E402
 
 METHODS = ("ddp", "topk-grad", "sparse-adamw")
+# real processes only (--mode dist): PyTorch's own DDP hooks, and sparse-adamw through sparsedist's DDP hook
+DIST_METHODS = ("fp16", "powersgd-r2", "powersgd-r4", "sparse-adamw-hook")
+POWERSGD_START = 2  # PowerSGD's dense allreduce steps before it compresses (the least torch accepts with EF)
 BLOCK, BATCH, LR, BETAS, WD, CLIP = 64, 32, 3e-3, (0.9, 0.99), 0.1, 1.0
 _VALUE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -174,6 +189,9 @@ class SimExchange:
 
 
 def run_sim(cfg: dict) -> dict:
+    if cfg["method"] not in METHODS:
+        raise ValueError(f"method {cfg['method']!r} runs on real processes only: torchrun --nproc_per_node=2 "
+                         f"benchmarks/adam_exchange.py run --mode dist --method {cfg['method']}")
     torch.set_num_threads(1)
     data = CharData(tinyshakespeare())
     P, steps = cfg["workers"], cfg["steps"]
@@ -209,46 +227,79 @@ def run_sim(cfg: dict) -> dict:
 
 
 # -- real processes --------------------------------------------------------------------------------------------
+def _dist_exchange(model: nn.Module, opt, cfg: dict, P: int):
+    """What carries the gradients on real processes for ``cfg["method"]``: (the module to call, an exchange to
+    call after backward or None, ``bytes_so_far(step)``: the bytes one rank sent in steps 1..step)."""
+    method, params = cfg["method"], list(model.parameters())
+    dense = sum(ring_allreduce_bytes(p.numel(), 4, P) for p in params)
+    if method == "sparse-adamw":
+        exchange = so.ReferenceExchange(model, opt, density=cfg["density"], value_dtype=cfg["value_dtype"])
+        return model, exchange, lambda step: exchange.stats()["bytes_sent"]
+    # PowerSGD's nested allreduces mismatch on gloo once DDP has 2+ buckets (even on loopback): one bucket for it
+    net = DDP(model, bucket_cap_mb_list=[256]) if method.startswith("powersgd") else DDP(model)
+    if method in ("topk-grad", "sparse-adamw-hook"):
+        aware = {"optimizer": opt} if method == "sparse-adamw-hook" else {}
+        hook = sparsedist.register(net, "topk", density=cfg["density"], value_dtype=cfg["value_dtype"], **aware)
+        return net, None, lambda step: hook.stats()["bytes_sent"]
+    if method == "fp16":  # the same ring allreduce on fp16 copies of the buckets
+        net.register_comm_hook(None, fp16_compress_hook)
+        half = sum(ring_allreduce_bytes(p.numel(), 2, P) for p in params)
+        return net, None, lambda step: half * step
+    if method.startswith("powersgd"):
+        # PowerSGD's own counters: elements allreduced in fp32 per compressed step (each compressed matrix's P
+        # and Q, every other tensor uncompressed); its first POWERSGD_START steps are plain allreduces
+        state = powersgd.PowerSGDState(None, matrix_approximation_rank=int(method[-1]),
+                                       start_powerSGD_iter=POWERSGD_START, use_error_feedback=True, warm_start=True)
+        net.register_comm_hook(state, powersgd.powerSGD_hook)
+        return net, None, lambda step: (dense * min(step, POWERSGD_START)
+                                        + ring_allreduce_bytes(state.total_numel_after_compression, 4, P))
+    return net, None, lambda step: dense * step
+
+
 def run_dist(cfg: dict) -> dict | None:
-    """The same configuration on real processes (torchrun); returns the record on rank 0, None elsewhere."""
+    """The same configuration on real processes (torchrun); returns the record on rank 0, None elsewhere.
+
+    ``cfg["target"]`` (optional): stop at the first evaluation whose loss is at most this. The record's
+    ``train_seconds`` holds rank 0's training wall-clock at each evaluation, evaluations left out."""
     torch.set_num_threads(1)
-    sparsedist.dist.init()
+    owns_group = not torch.distributed.is_initialized()  # else the caller's group (tests) is used and kept
+    if owns_group:
+        sparsedist.dist.init()
     rank, P, steps = torch.distributed.get_rank(), torch.distributed.get_world_size(), cfg["steps"]
     data = CharData(tinyshakespeare())
     model = build_model(cfg["model"], data.vocab_size, cfg["seed"])
-    opt, sched = make_optimizer(model, cfg["method"], steps, cfg["warmup"])
-    net, hook, exchange = model, None, None
-    if cfg["method"] == "sparse-adamw":
-        exchange = so.ReferenceExchange(model, opt, density=cfg["density"], value_dtype=cfg["value_dtype"])
-    else:
-        net = DDP(model)
-        if cfg["method"] == "topk-grad":
-            hook = sparsedist.register(net, "topk", density=cfg["density"], value_dtype=cfg["value_dtype"])
+    opt, sched = make_optimizer(model, cfg["method"].replace("-hook", ""), steps, cfg["warmup"])
+    net, exchange, bytes_so_far = _dist_exchange(model, opt, cfg, P)
+    clip = cfg["method"] not in ("sparse-adamw", "sparse-adamw-hook")  # sparsedist.optim.AdamW clips itself
     gen = torch.Generator().manual_seed(cfg["seed"] * 100 + rank)
     vgen = torch.Generator().manual_seed(1234)
     val_batches = [data.batch("val", BATCH, BLOCK, vgen) for _ in range(cfg["eval_batches"])]
     dense_per_step = sum(ring_allreduce_bytes(p.numel(), 4, P) for p in model.parameters())
-    history, start = [], time.perf_counter()
+    history, times, train, start = [], [], 0.0, time.perf_counter()
     for step in range(1, steps + 1):
+        t0 = time.perf_counter()
         x, y = data.batch("train", BATCH, BLOCK, gen)
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(net(x).flatten(0, 1), y.flatten()).backward()
         if exchange is not None:
             exchange()
-        else:
+        if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         sched.step()
+        train += time.perf_counter() - t0
         if step % cfg["eval_every"] == 0 or step == steps:
-            sent = (exchange.stats()["bytes_sent"] if exchange is not None else
-                    hook.stats()["bytes_sent"] if hook is not None else dense_per_step * step)
-            history.append([step, round(val_loss(model, val_batches), 4), sent])
-    sparsedist.dist.shutdown()
+            history.append([step, round(val_loss(model, val_batches), 4), bytes_so_far(step)])
+            times.append(round(train, 2))
+            if history[-1][1] <= cfg.get("target", -math.inf):
+                break
+    if owns_group:
+        sparsedist.dist.shutdown()
     if rank:
         return None
     return {**cfg, "workers": P, "params": sum(p.numel() for p in model.parameters()), "history": history,
             "final": history[-1][1], "bytes_sent": history[-1][2], "bytes_dense": dense_per_step * steps,
-            "seconds": round(time.perf_counter() - start, 1)}
+            "seconds": round(time.perf_counter() - start, 1), "train_seconds": times}
 
 
 # -- figures ---------------------------------------------------------------------------------------------------
@@ -259,7 +310,10 @@ FIGURE_RUNS = [("ddp", 1.0, 1.0, (0, 1, 2)), ("topk-grad", 0.01, 1.0, (0, 1, 2))
                ("sparse-adamw", 0.01, 1.0, (0, 1, 2)), ("sparse-adamw", 0.01, 1.2, (0, 1, 2)),
                ("sparse-adamw", 0.001, 1.5, (0, 1, 2))]
 LONGER_RUNS = {"chargpt": [("sparse-adamw", 0.01, 1.5, (0,)), ("sparse-adamw", 0.01, 2.0, (0,)),
-                           ("sparse-adamw", 0.001, 1.0, (0, 1, 2)), ("sparse-adamw", 0.001, 2.0, (0,))]}
+                           ("sparse-adamw", 0.001, 2.0, (0,))]}
+# PyTorch's own compression hooks at DDP's steps, on real processes over loopback (--mode dist)
+DIST_RUNS = {"chargpt": [("fp16", 1.0, 1.0, (0, 1, 2)), ("powersgd-r2", 1.0, 1.0, (0, 1, 2)),
+                         ("powersgd-r4", 1.0, 1.0, (0, 1, 2))]}
 
 
 def config(args, method, density, steps, seed) -> dict:
@@ -277,14 +331,19 @@ def figure(args) -> None:
     path = Path(args.json or ROOT / "docs" / f"adam_exchange_{args.model}.json")
     records = json.loads(path.read_text()) if path.exists() else []
     have = {key(r) for r in records}
-    runs = FIGURE_RUNS + LONGER_RUNS.get(args.model, [])
-    todo = [config(args, m, d, round(DDP_STEPS * f), s) for m, d, f, seeds in runs for s in seeds]
+    runs = FIGURE_RUNS + LONGER_RUNS.get(args.model, []) + DIST_RUNS.get(args.model, [])
+    if args.runs:  # e.g. sparse-adamw:0.01:1.2 (method:density:step factor)
+        runs = [r for r in runs if f"{r[0]}:{r[1]:g}:{r[2]:g}" in args.runs]
+    todo = [config(args, m, d, round(DDP_STEPS * f), s) for m, d, f, seeds in runs for s in seeds[:args.seeds]]
+    todo = [{**c, "mode": "dist"} if c["method"] in DIST_METHODS else c for c in todo]
     todo = [c for c in todo if key(c) not in have]
     running: list[tuple[subprocess.Popen, dict]] = []
     while todo or running:
         while todo and len(running) < args.jobs:
             c = todo.pop(0)
             cmd = [sys.executable, __file__, "run", "--config", json.dumps(c)]
+            if c["mode"] == "dist":
+                cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={c['workers']}"]
             running.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True), c))
         proc, c = running.pop(0)
         out, _ = proc.communicate()
@@ -300,7 +359,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["run", "figure"])
     ap.add_argument("--model", default="chargpt", choices=["chargpt", "gpt2"])
-    ap.add_argument("--method", default="sparse-adamw", choices=METHODS)
+    ap.add_argument("--method", default="sparse-adamw", choices=METHODS + DIST_METHODS)
     ap.add_argument("--density", type=float, default=0.01)
     ap.add_argument("--steps", type=int, default=DDP_STEPS)
     ap.add_argument("--seed", type=int, default=0)
@@ -315,6 +374,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, help="run: append the record to this JSON-lines file")
     ap.add_argument("--json", type=Path, help="figure: the results file (default docs/adam_exchange_<model>.json)")
     ap.add_argument("--jobs", type=int, default=2, help="figure: runs at a time")
+    ap.add_argument("--seeds", type=int, default=3, help="figure: at most this many seeds per configuration")
+    ap.add_argument("--runs", nargs="+", help="figure: only these METHOD:DENSITY:STEP_FACTOR (e.g. ddp:1:1)")
     args = ap.parse_args(argv)
     if args.command == "figure":
         return figure(args)
