@@ -94,3 +94,32 @@ def _refusals(rank, world):
 def test_compressors_that_work_on_gradients_are_refused_with_an_exchange_aware_optimizer():
     for msgs in run_distributed(_refusals, 2, timeout=120):
         assert len(msgs) == 2 and all("sends its update" in m for m in msgs)
+
+
+def _sampled(rank, world):
+    """DGC's sampled threshold selection (topk mode="sampled") through the exchange-aware AdamW, fp16 values, on
+    tensors large enough for sampling (>= 4000 elements), 60 steps of a learnable task."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.GELU(), nn.Linear(64, 8))
+    opt = so.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, warmup_steps=1, max_grad_norm=1.0)
+    ddp = DDP(m)
+    state = sparsedist.register(ddp, "topk", density=0.01, mode="sampled", value_dtype="float16", optimizer=opt)
+    data, teacher = torch.Generator().manual_seed(rank), torch.randn(64, 8, generator=torch.Generator().manual_seed(7))
+    losses = []
+    for _ in range(60):
+        x = torch.randn(32, 64, generator=data)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(ddp(x), (x @ teacher).argmax(1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return _flat(m), losses, state.stats()
+
+
+def test_sampled_selection_through_the_exchange_aware_optimizer():
+    results = run_distributed(_sampled, 2, timeout=180)
+    for flat, losses, stats in results:
+        assert torch.equal(flat, results[0][0])  # identical on every rank
+        assert sum(losses[-10:]) / 10 < 0.7 * losses[0]
+        assert stats["overlapped"] == stats["buckets"] == 60 and stats["optimizer"]["warmup_over"]
+        assert stats["density"] < 0.05  # 1 % of each weight matrix, at least one entry of each small tensor
