@@ -8,6 +8,7 @@ Accelerate's TensorBoard tracker.
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -64,7 +65,12 @@ def main(out: str, phase: str, steps: str) -> None:
     params = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
     dump(out, f"end-{phase}-rank{rank}", {"params": params, "losses": losses, "stats": state.stats()})
     accelerator.end_training()
-    sparsedist.dist.shutdown()  # gloo's threads let go before the interpreter exits (docs/launch.md)
+    # DDP's reducer holds the process group: release it while the group is up (a gloo thread may still have to
+    # drop a hook future's Python callback, which needs the GIL), then shut down (docs/launch.md, "Ending a run")
+    accelerator.free_memory()
+    del model, optimizer, loader, state
+    gc.collect()
+    sparsedist.dist.shutdown()
 
 
 if __name__ == "__main__":

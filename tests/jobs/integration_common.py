@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +34,31 @@ def free_port() -> int:
 def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 180) -> str:
     """Run ``script`` under torchrun with ``nproc`` CPU processes; returns the combined output.
 
-    The whole process group (torchrun and its workers) is killed if it runs past ``timeout`` seconds.
+    The output goes to a file, not a pipe: torch elastic starts its workers in sessions of their own, so killing
+    torchrun's session leaves them alive, and a worker holding a pipe would block the test forever. On a timeout
+    torchrun's session is killed and so is every process whose command line carries ``args[0]`` (each test's own
+    output directory), which are the workers.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(script), *args]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{script.name} {' '.join(args)} did not finish within {timeout:.0f} s:\n{out[-4000:]}")
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            if args:
+                subprocess.run(["pkill", "-9", "-f", str(args[0])], check=False)
+            proc.wait(timeout=30)
+            log.seek(0)
+            raise AssertionError(f"{script.name} {' '.join(args)} did not finish within {timeout:.0f} s:\n"
+                                 f"{log.read()[-4000:]}") from None
+        log.seek(0)
+        out = log.read()
     assert proc.returncode == 0, f"{script.name} {' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}"
     return out
 
