@@ -38,7 +38,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 import pruning_inference  # noqa: E402
-from sparsedist.datasets import mnist_path  # noqa: E402
+import torch  # noqa: E402
+from char_gpt import CharData, CharGPT, estimate_val_loss, lr_factor  # noqa: E402
+from mnist_prune import build_model, parse_args, run, weight_stats  # noqa: E402
+
+import sparsedist.sparsity as sp  # noqa: E402
+from sparsedist.datasets import mnist_path, tinyshakespeare  # noqa: E402
 from pruning_verdicts import (DONE, EXPECTED, GPT_SPARSITIES, HIGH, MAIN, SPARSITIES, done_means,  # noqa: E402,F401
                               judge, plots, stat, write)
 
@@ -53,7 +58,6 @@ def mnist_task(model: str, seed: int, *extra: str) -> tuple:
 
 def small_width(model: str, target: int) -> float:
     """The width scale whose dense model holds about ``target`` Linear/Conv weights (bisection)."""
-    from mnist_prune import build_model, weight_stats
     lo, hi = 0.01, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
@@ -85,7 +89,6 @@ def mnist_tasks(model: str, seed: int, claims: set[str]) -> dict[str, tuple]:
         t["prune-retrain rewind"] = mnist_task(model, seed, *pr, "--weights", "rewind", "--rewind-at", 0.05)
         t["prune-retrain x3"] = mnist_task(model, seed, *pr, "--rounds", 3)
     if claims & {"e"}:
-        from mnist_prune import build_model, weight_stats
         target = round((1 - MAIN) * weight_stats(build_model(model))["weights"])
         t["small dense"] = mnist_task(model, seed, "--method", "dense", "--width", small_width(model, target))
     if claims & {"g"}:
@@ -110,7 +113,6 @@ def gpt_tasks(seed: int, claims: set[str]) -> dict[str, tuple]:
 
 
 def run_mnist(task: tuple, data: str, scale: float) -> dict:
-    from mnist_prune import parse_args, run
     _, model, seed, extra = task
     steps = max(20, int(STEPS[model] * scale))
     args = ["--model", model, "--seed", str(seed), "--steps", str(steps), "--data", data, *extra]
@@ -122,11 +124,6 @@ def run_mnist(task: tuple, data: str, scale: float) -> dict:
 
 
 def run_gpt(task: tuple, cfg: dict) -> dict:
-    import torch
-    from char_gpt import CharData, CharGPT, estimate_val_loss, lr_factor
-
-    import sparsedist.sparsity as sp
-    from sparsedist.datasets import tinyshakespeare
     _, seed, method, sparsity, budget, score = task
     torch.set_num_threads(1)
     steps, width, layers, batch, block = cfg["steps"], cfg["width"], cfg["layers"], 32, 64
