@@ -72,15 +72,15 @@ def run(config: str, seed: int, steps: int, extra: list[str], timeout: float) ->
 
 def table(rows: list[dict]) -> str:
     mb = 1e6
-    dense = {(r["seed"], r["optimizer"]): r for r in rows if r["config"] == "dense"}
-    out = ["| optimizer | config | seed | val loss | vs dense | RS MB sent (busiest rank) | FSDP2 dense RS MB | "
+    dense = {(r["seed"], r["optimizer"]): r for r in rows if r["config"] == "dense"}  # vs dense: same seed
+    out = ["| optimizer | config | seed | steps | val loss | vs dense | RS MB sent (busiest rank) | FSDP2 dense RS MB | "
            "RS ratio | density sent | weights MB | grads MB | optimizer MB | residuals MB | masks MB | total MB | s |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m, d = r["memory_bytes"], dense.get((r["seed"], r["optimizer"]))
         diff = f"{r['val_loss'] - d['val_loss']:+.3f}" if d else "-"
         density = r.get("exchange", {}).get("density")
-        out.append(f"| {r['optimizer']} | {r['config']} | {r['seed']} | {r['val_loss']:.3f} | {diff} | "
+        out.append(f"| {r['optimizer']} | {r['config']} | {r['seed']} | {r['steps']} | {r['val_loss']:.3f} | {diff} | "
                    f"{r['reduce_scatter_bytes_sent'] / mb:.2f} | {r['dense_reduce_scatter_bytes'] / mb:.2f} | "
                    f"{r['reduce_scatter_ratio']:.1f}x | {'-' if density is None else f'{density:.4f}'} | "
                    f"{m['weights'] / mb:.2f} | {m['gradients'] / mb:.2f} | {m['optimizer'] / mb:.2f} | "

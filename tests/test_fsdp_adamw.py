@@ -9,6 +9,13 @@ a run resumed from a sharded checkpoint must be bit-identical to an uninterrupte
 raise.
 """
 
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,6 +27,7 @@ from sparsedist.fsdp import register_fsdp, training_memory
 from sparsedist.optim import SGD, AdamW, commit_residual, local_selection
 from sparsedist.testing import run_distributed
 
+ROOT = Path(__file__).resolve().parents[1]
 DENSITY, LR, STEPS, POISON = 0.3, 1e-2, 6, 4  # the step before POISON overflows on the last rank (skipped)
 
 
@@ -183,3 +191,20 @@ def checks(rank, world, directory):
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp_exchange_aware_adamw(world, tmp_path):
     assert run_distributed(checks, world, args=(str(tmp_path),), timeout=240) == [True] * world
+
+
+def test_benchmark_config_topk_adamx(tmp_path):
+    """benchmarks/fsdp_char_gpt.py's topk_adamx: the example's training with the exchange-aware AdamW, 2 ranks:
+    one dense warm-up step on FSDP2's reduce-scatter, then sparse ones; per-rank moments of the full model."""
+    out = tmp_path / "runs.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fsdp_char_gpt.py"), "--configs", "topk_adamx",
+                    "--steps", "6", "--extra", "--eval-every 3 --eval-batches 2 --width 32 --layers 2",
+                    "--timeout", "240", "--json", str(out)], check=True, timeout=300, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    (run,) = json.loads(out.read_text())["runs"]
+    modules = 3  # two blocks and the root
+    assert run["exchange"]["collectives"] == {"reduce_scatter": modules, "sparse_reduce_scatter": 5 * modules}
+    assert math.isfinite(run["val_loss"]) and run["reduce_scatter_ratio"] > 1
+    memory, n = run["memory_bytes"], run["parameters"]
+    assert memory["optimizer"] == 8 * n  # this rank's moments of every parameter, unsharded
+    assert memory["gradients"] >= 4 * n  # the kept local gradient, plus the gradient shards
