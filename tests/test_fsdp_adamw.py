@@ -5,8 +5,8 @@ P unsharded replicas, each with its own sparsedist.optim.AdamW and its own resid
 of the raw gradients, then ``to_wire`` -> :func:`sparsedist.optim.local_selection` (top-k with error feedback)
 -> sum over ranks / P -> ``step()``. The FSDP2 run must give each rank's shard of the reference's parameters,
 each rank's full-size moments and residuals, through the warm-up, the sparse phase and a skipped non-finite step;
-a run resumed from a sharded checkpoint must be bit-identical to an uninterrupted one; unsupported combinations
-raise.
+a run resumed from a sharded checkpoint must be bit-identical to an uninterrupted one; with a GradScaler an
+overflow on one rank skips the step on every rank; unsupported combinations raise.
 """
 
 import json
@@ -43,7 +43,7 @@ def build(warmup, world):
 
 
 def fsdp_step(m, opt, rank, world, step):
-    """One step; the step numbered ``-step`` before POISON is a non-finite one on the last rank, then skipped."""
+    """One training step on this rank's batch ``step``."""
     opt.zero_grad()
     loss_of(m, step, rank).backward()
     opt.step()
@@ -154,6 +154,32 @@ def check_resume(rank, world, directory):
         assert r1.keys() == r2.keys() and r1 and all(torch.equal(r1[n], r2[n]) for n in r1)
 
 
+def check_grad_scaler(rank, world):
+    """With a GradScaler, an overflow on one rank makes every rank skip the step (the scale halves); the run equals
+    an unscaled one without that step, bit for bit (the scales are powers of two)."""
+    m = net()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = AdamW(m.named_parameters(), lr=LR, warmup_steps=1, grad_scaler=scaler)
+    state = register_fsdp(m, "topk", density=DENSITY, optimizer=opt, grad_scaler=scaler)
+    for step in range(5):
+        opt.zero_grad()
+        before = [p.to_local().clone() for p in m.parameters()]
+        scaler.scale(loss_of(m, step, rank, poison=step == 2 and rank == world - 1)).backward()
+        scaler.step(opt)
+        scaler.update()
+        skipped = all(torch.equal(a, p.to_local()) for a, p in zip(before, m.parameters()))
+        assert skipped == (step == 2), step
+    assert scaler.get_scale() == 512.0 and opt.stats()["steps"] == 4
+    plain = net()
+    plain_opt = AdamW(plain.named_parameters(), lr=LR, warmup_steps=1)
+    plain_state = register_fsdp(plain, "topk", density=DENSITY, optimizer=plain_opt)
+    for step in (0, 1, 3, 4):
+        fsdp_step(plain, plain_opt, rank, world, step)
+    assert all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(m.parameters(), plain.parameters()))
+    r1, r2 = state.feedback.residuals, plain_state.feedback.residuals
+    assert r1.keys() == r2.keys() and all(torch.equal(r1[n], r2[n]) for n in r1)
+
+
 def check_errors(rank, world):
     m = net()
     opt = adamw(m, 1, world)
@@ -184,6 +210,7 @@ def checks(rank, world, directory):
     check_against_reference(rank, world, warmup=0)
     if world == 2:
         check_resume(rank, world, directory)
+        check_grad_scaler(rank, world)
         check_errors(rank, world)
     return True
 
