@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DENSITY, LR, STEPS, POISON = 0.3, 1e-2, 6, 4  # the step before POISON overflows on the last rank (skipped)
 
 
-def adamw(model, warmup, world):
+def adamw(model, warmup, world, clip=None):
     return AdamW(model.named_parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.1, warmup_steps=warmup,
-                 world_size=world)
+                 world_size=world, max_grad_norm=clip)
 
 
-def build(warmup, world):
+def build(warmup, world, clip=None):
     m = net()
-    opt = adamw(m, warmup, world)
+    opt = adamw(m, warmup, world, clip)
     return m, opt, register_fsdp(m, "topk", density=DENSITY, optimizer=opt)
 
 
@@ -49,10 +49,10 @@ def fsdp_step(m, opt, rank, world, step):
     opt.step()
 
 
-def reference(world, warmup, steps):
+def reference(world, warmup, steps, clip=None):
     """The rule for all ``world`` ranks in this process: (models, optimizers, residuals) after ``steps`` steps."""
     models = [net(shard=False) for _ in range(world)]
-    opts = [adamw(m, warmup, world) for m in models]
+    opts = [adamw(m, warmup, world, clip) for m in models]
     residuals = [{} for _ in range(world)]
     for step in steps:
         for r, (m, opt) in enumerate(zip(models, opts)):
@@ -89,9 +89,10 @@ def shard_of(full, like):
     return full.reshape(-1, *full.shape[1:])[start: start + local.shape[0]].reshape(local.shape)
 
 
-def check_against_reference(rank, world, warmup):
-    """Shards, per-rank moments and residuals equal the reference's, through warm-up, sparse steps and a skip."""
-    m, opt, state = build(warmup, world)
+def check_against_reference(rank, world, warmup, clip=None):
+    """Shards, per-rank moments and residuals equal the reference's, through warm-up, sparse steps and a skip
+    (with ``clip``: gradient clipping, of the averaged shards in the warm-up and of local gradients after)."""
+    m, opt, state = build(warmup, world, clip)
     steps = [s for s in range(STEPS + 1) if s != POISON - 1]
     for step in range(STEPS + 1):
         if step == POISON - 1:  # the last rank overflows: every rank's shards NaN, nothing committed, step skipped
@@ -110,9 +111,10 @@ def check_against_reference(rank, world, warmup):
                 assert all(torch.equal(v, opt.state[p][k]) for k, v in moments[n].items()), n
             continue
         fsdp_step(m, opt, rank, world, step)
-    models, opts, residuals = reference(world, warmup, steps)
-    # at 2 ranks bit for bit; at 3 FSDP2's dense warm-up sums in gloo's ring order
-    tol = {"rtol": 0, "atol": 0} if world == 2 else {"rtol": 1e-5, "atol": 1e-7}
+    models, opts, residuals = reference(world, warmup, steps, clip)
+    # at 2 ranks bit for bit; at 3 FSDP2's dense warm-up sums in gloo's ring order, and a clipping norm of shards
+    # adds the squares in another order
+    tol = {"rtol": 0, "atol": 0} if world == 2 and clip is None else {"rtol": 1e-5, "atol": 1e-7}
     for (n, p), q, mine_ref in zip(m.named_parameters(), models[0].parameters(), models[rank].parameters()):
         torch.testing.assert_close(p.to_local(), shard_of(q.detach(), p), **tol)
         for key in ("exp_avg", "exp_avg_sq"):
@@ -209,6 +211,7 @@ def checks(rank, world, directory):
     check_against_reference(rank, world, warmup=2)
     check_against_reference(rank, world, warmup=0)
     if world == 2:
+        check_against_reference(rank, world, warmup=2, clip=0.05)
         check_resume(rank, world, directory)
         check_grad_scaler(rank, world)
         check_errors(rank, world)
