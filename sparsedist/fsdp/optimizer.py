@@ -97,4 +97,3 @@ def announce(state, layout: ShardLayout, inp: torch.Tensor) -> None:
     under DDP): ``step()`` expects them, and a skipped step (``GradScaler``) discards them."""
     for slot in layout.slots:
         to_wire(state, slot, layout.gradient(inp, slot))
-
