@@ -15,7 +15,15 @@ Configurations (AdamW throughout, lr 3e-3 with warm-up and cosine decay):
 * ``topk_bf16``: the same with bfloat16 residuals;
 * ``dgc``: DGC (Lin et al. 2018) at 1 %: momentum correction inside the exchange, with ``--optimizer sgd`` only;
 * ``rigl_dense``: RigL 90 % + packed AdamW, FSDP2's dense reduce-scatter (the dense gradient every step);
-* ``sparse``: RigL 90 % + packed AdamW + the sparse reduce-scatter (``--sparse``).
+* ``sparse``: RigL 90 % + packed AdamW + the sparse reduce-scatter (``--sparse``);
+* ``topk_adamx``: the sparse reduce-scatter at 1 % with the exchange-aware :class:`sparsedist.optim.AdamW`
+  (each rank sends its own Adam update with error feedback; its defaults: one dense warm-up step, sparse-phase
+  beta1 0.5, noise correction), the same learning-rate schedule as ``dense``.
+
+``topk_adamx`` runs the example's own ``train()`` through this script (``--worker``, under torchrun), with the
+optimizer swapped and handed to ``register_fsdp``: the example has no flag for it. Its learning rate is set for
+the next step right after each ``optimizer.step()`` (as a torch scheduler would), because the exchange-aware
+optimizer reads it during backward, when it computes the update it sends; the example sets it after backward.
 """
 
 from __future__ import annotations
@@ -29,6 +37,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import char_gpt_fsdp as example  # noqa: E402  (examples/ is not a package)
+from char_gpt import lr_factor  # noqa: E402
+
+import sparsedist.optim  # noqa: E402
+from sparsedist.fsdp import register_fsdp  # noqa: E402
+
 CONFIGS = {
     "dense": [],
     "topk": ["--exchange", "topk"],
@@ -36,14 +51,17 @@ CONFIGS = {
     "dgc": ["--exchange", "dgc"],
     "rigl_dense": ["--sparse", "--exchange", "dense"],
     "sparse": ["--sparse"],
+    "topk_adamx": ["--exchange", "topk"],
 }
+ADAMX = {"topk_adamx"}  # configurations with the exchange-aware AdamW (run through --worker)
 
 
 def run(config: str, seed: int, steps: int, extra: list[str], timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "summary.json"
+        script = ["benchmarks/fsdp_char_gpt.py", "--worker"] if config in ADAMX else ["examples/char_gpt_fsdp.py"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "examples" / "char_gpt_fsdp.py"), "--steps", str(steps), "--seed", str(seed), "--quiet",
+               str(ROOT / script[0]), *script[1:], "--steps", str(steps), "--seed", str(seed), "--quiet",
                "--json", str(out), *CONFIGS[config], *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         subprocess.run(cmd, check=True, timeout=timeout, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -54,20 +72,46 @@ def run(config: str, seed: int, steps: int, extra: list[str], timeout: float) ->
 
 def table(rows: list[dict]) -> str:
     mb = 1e6
-    dense = {(r["seed"], r["optimizer"]): r for r in rows if r["config"] == "dense"}
-    out = ["| optimizer | config | seed | val loss | vs dense | RS MB sent (busiest rank) | FSDP2 dense RS MB | "
+    dense = {(r["seed"], r["optimizer"]): r for r in rows if r["config"] == "dense"}  # vs dense: same seed
+    out = ["| optimizer | config | seed | steps | val loss | vs dense | RS MB sent (busiest rank) | FSDP2 dense RS MB | "
            "RS ratio | density sent | weights MB | grads MB | optimizer MB | residuals MB | masks MB | total MB | s |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m, d = r["memory_bytes"], dense.get((r["seed"], r["optimizer"]))
         diff = f"{r['val_loss'] - d['val_loss']:+.3f}" if d else "-"
         density = r.get("exchange", {}).get("density")
-        out.append(f"| {r['optimizer']} | {r['config']} | {r['seed']} | {r['val_loss']:.3f} | {diff} | "
+        out.append(f"| {r['optimizer']} | {r['config']} | {r['seed']} | {r['steps']} | {r['val_loss']:.3f} | {diff} | "
                    f"{r['reduce_scatter_bytes_sent'] / mb:.2f} | {r['dense_reduce_scatter_bytes'] / mb:.2f} | "
                    f"{r['reduce_scatter_ratio']:.1f}x | {'-' if density is None else f'{density:.4f}'} | "
                    f"{m['weights'] / mb:.2f} | {m['gradients'] / mb:.2f} | {m['optimizer'] / mb:.2f} | "
                    f"{m['residuals'] / mb:.2f} | {m['masks'] / mb:.2f} | {m['total'] / mb:.2f} | {r['seconds']:.0f} |")
     return "\n".join(out)
+
+
+def exchange_aware_worker(argv: list[str]) -> dict:
+    """examples/char_gpt_fsdp.py's ``main`` with :class:`sparsedist.optim.AdamW` passed to ``register_fsdp``."""
+    held = {}
+
+    def make_optimizer(args, model):
+        if args.optimizer != "adamw" or args.sparse:
+            raise SystemExit("topk_adamx: the exchange-aware AdamW runs with --optimizer adamw and dense weights")
+        # step 1 is the dense warm-up step, whose learning rate the example sets before step() as for torch's
+        opt = sparsedist.optim.AdamW(model.named_parameters(), lr=args.lr, weight_decay=0.0)
+
+        def next_lr(optimizer, *_):  # the learning rate of the step whose backward comes next
+            factor = lr_factor(optimizer.stats()["steps"] + 1, args.steps, args.lr_schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * factor
+
+        opt.register_step_post_hook(next_lr)
+        held["optimizer"] = opt
+        return opt
+
+    def register(model, exchange, **options):
+        return register_fsdp(model, exchange, optimizer=held["optimizer"], **options)
+
+    example.make_optimizer, example.register_fsdp = make_optimizer, register
+    return example.main(argv)
 
 
 def main(argv=None) -> list[dict]:
@@ -96,4 +140,7 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--worker"]:
+        exchange_aware_worker(sys.argv[2:])
+    else:
+        main()

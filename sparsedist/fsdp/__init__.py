@@ -4,6 +4,8 @@
   through FSDP2's public ``set_custom_reduce_scatter``: each rank selects from its unsharded gradient with error
   feedback, routes each selected entry to the rank owning its shard (:mod:`.routing`), owners sum
   (:mod:`.exchange`, laid out by :mod:`.layout`). HSDP through ``set_all_reduce_hook`` (:mod:`.hsdp`).
+* ``register_fsdp(..., optimizer=sparsedist.optim.AdamW(...))`` (:mod:`.optimizer`): the exchange sends each
+  rank's own Adam update instead of its gradient (issue 16's rule), with per-rank full-size moments.
 * :class:`CompactFeedback` (:mod:`.residuals`): residuals in bfloat16, and what residuals cost under FSDP.
 * :class:`ShardedRigL` (:mod:`.rigl`): RigL with masks sharded like their parameters.
 

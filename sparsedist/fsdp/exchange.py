@@ -4,9 +4,11 @@
 calls in backward with this rank's unsharded gradients of the module, flat (see :mod:`.layout`):
 
 * **plan**: the step's route was decided once, at its first reduce-scatter: dense on RigL's mask-update steps
-  (the mask provider's ``needs_dense_gradient()``), sparse otherwise.
+  (the mask provider's ``needs_dense_gradient()``) and during an exchange-aware optimizer's warm-up
+  (``exchange_is_dense()``), sparse otherwise.
 * **accumulate**: per parameter, its local gradient (packed to its active weights under masks) plus its
-  error-feedback residual (:class:`~sparsedist.feedback.ErrorFeedback`, keyed by parameter name).
+  error-feedback residual (:class:`~sparsedist.feedback.ErrorFeedback`, keyed by parameter name); with an
+  exchange-aware optimizer (:mod:`.optimizer`) its update ``optimizer.to_wire(p, g)`` instead of the gradient.
 * **select**: the compressor picks what to send from each accumulator (layer-wise).
 * **route**: each selected entry goes to the rank owning its shard; owners sum in rank order (:mod:`.routing`).
 * **commit**: residuals (``acc - sent``) and compressor state move on only if every rank's gradient was finite;
@@ -26,6 +28,7 @@ import torch.distributed as dist
 from ..collectives.streams import Codec, coalesce, default_dense_threshold
 from ..payload import SparseGrad, accumulator_dtype, all_finite
 from .layout import ShardLayout, Slot
+from .optimizer import announce, check_average, to_wire
 from .routing import route_to_owners
 
 __all__ = ["reduce_scatter", "reduce_scatter_bytes"]
@@ -53,6 +56,8 @@ def reduce_scatter(state, layout: ShardLayout, out: torch.Tensor, inp: torch.Ten
     averaged when ``op`` is AVG, sparsely unless the step is dense."""
     layout.check(inp.numel(), out.numel(), "sparsedist.fsdp")
     average = _averages(op)
+    if state.optimizer is not None:
+        check_average(op)
     backend = state.backend_for(group, layout.world_size)
     state.begin_step()
     before = (backend.bytes_sent, backend.bytes_received)
@@ -64,6 +69,8 @@ def reduce_scatter(state, layout: ShardLayout, out: torch.Tensor, inp: torch.Ten
         actives = [state.active_positions(s) for s in layout.slots]  # may gather masks: on every rank
         finite = all_finite(inp)
         units = accumulate(state, layout, inp, actives) if finite else []
+        if not finite and state.optimizer is not None:
+            announce(state, layout, inp)
         select(state, units)
         wire = state.options.value_dtype or inp.dtype
         idx, val = _positions(layout, units, wire, inp.device)
@@ -86,11 +93,14 @@ def reduce_scatter(state, layout: ShardLayout, out: torch.Tensor, inp: torch.Ten
 
 
 def accumulate(state, layout: ShardLayout, inp: torch.Tensor, actives: list) -> list[Unit]:
-    """Each parameter's local gradient (packed to its active weights ``actives[i]``) plus its residual."""
+    """Each parameter's local gradient (packed to its active weights ``actives[i]``) plus its residual; with an
+    exchange-aware optimizer its update ``optimizer.to_wire(p, g)`` takes the gradient's place."""
     comp, scale = state.compressor, state.loss_scale()
     units = []
     for i, (slot, active) in enumerate(zip(layout.slots, actives)):
         g = layout.gradient(inp, slot)
+        if state.optimizer is not None:
+            g = to_wire(state, slot, g)
         if active is not None:
             g = g[active]
         residual = state.feedback.get(slot.name, g, scale)

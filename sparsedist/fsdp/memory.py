@@ -1,7 +1,8 @@
 """What a training step keeps in memory on this rank, by kind, counted from the tensors themselves.
 
 :func:`training_memory` adds up the bytes of the local (sharded) weights, the gradients kept between backward
-and step (dense ``param.grad`` and :class:`~sparsedist.optim.PackedOptimizer`'s packed ones), the optimizer
+and step (dense ``param.grad``, :class:`~sparsedist.optim.PackedOptimizer`'s packed ones and the full-size local
+gradients an exchange-aware :class:`~sparsedist.optim.AdamW` keeps until its step), the optimizer
 state (packed values and their int32 positions counted apart), the exchange's error-feedback residuals and
 cached mask positions, and the masks. Storage shared by several tensors (FSDP's gradients are views of one
 reduce-scatter buffer per module) is counted once. It is bookkeeping, not the allocator: temporaries,
@@ -57,6 +58,9 @@ def training_memory(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
         packed = getattr(optimizer, "packed_grad", None)
         if packed is not None:
             grads += [packed(p) for p in params]
+        kept = getattr(optimizer, "kept_gradients", None)  # sparsedist.optim's local gradients until step()
+        if kept is not None:
+            grads += kept()
         for state in optimizer.state.values():
             for key, v in state.items():
                 if torch.is_tensor(v) and key != "step":

@@ -26,11 +26,12 @@ from ..collectives.backend import TorchBackend
 from ..compressors.base import Compressor, SelectContext
 from ..compressors.dgc import check_optimizer
 from ..optim.packed import repack
-from ..options import split_options
+from ..options import exchange_aware, split_options
 from ..stats import Telemetry
 from .exchange import reduce_scatter
 from .hsdp import install_replicate_hooks
 from .layout import ShardLayout, Slot, managed_parameters
+from .optimizer import check_optimizer as check_exchange_optimizer
 from .residuals import CompactFeedback, residual_dtype_of
 
 try:  # FSDP2's comm interface (torch >= 2.8); duck typing suffices where it is absent
@@ -94,6 +95,8 @@ class FSDPSparsifyState:
                                         residual_dtype_of(residual_dtype))
         self.telemetry = Telemetry()
         self.replicate_group = replicate_group
+        # an exchange-aware optimizer (sparsedist.optim.AdamW): the exchange sends its update (.optimizer)
+        self.optimizer = options.optimizer if exchange_aware(options.optimizer) else None
         self.params: dict[str, torch.Tensor] = dict(model.named_parameters())
         self.step = 0
         self.in_step = False
@@ -120,8 +123,11 @@ class FSDPSparsifyState:
         if self.in_step:
             return
         masks = self.options.masks
-        self.dense_now = (self.compressor is None and masks is None) or bool(
-            masks is not None and masks.needs_dense_gradient())
+        if self.optimizer is not None:  # its warm-up: raw gradients, FSDP2's dense reduce-scatter
+            self.dense_now = self.optimizer.exchange_is_dense()
+        else:
+            self.dense_now = (self.compressor is None and masks is None) or bool(
+                masks is not None and masks.needs_dense_gradient())
         self.in_step = True
         torch.autograd.Variable._execution_engine.queue_callback(self._end_step)
 
@@ -194,6 +200,8 @@ class FSDPSparsifyState:
         out["auto_ratios"] = {}
         out["step_check"] = None
         out["residual_bytes"] = self.feedback.nbytes()
+        if self.optimizer is not None:  # its warm-up length, and whether it is over
+            out["optimizer"] = self.optimizer.stats()
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -229,7 +237,8 @@ def register_fsdp(model: nn.Module, compressor: str | Compressor | None = "topk"
             ``fully_shard`` must be given the 1-D shard mesh.
         **options: the compressor's options (``density``, ...) and exchange options as for
             :func:`sparsedist.register`: ``error_feedback``, ``value_dtype``, ``dense_below``, ``seed``,
-            ``masks`` (e.g. a :class:`~sparsedist.fsdp.ShardedRigL`), ``grad_scaler``, ``optimizer`` (DGC),
+            ``masks`` (e.g. a :class:`~sparsedist.fsdp.ShardedRigL`), ``grad_scaler``, ``optimizer`` (DGC's check;
+            a :class:`sparsedist.optim.AdamW` makes the exchange send its update, :mod:`sparsedist.fsdp.optimizer`),
             ``timeout``.
 
     Raises:
@@ -254,6 +263,7 @@ def register_fsdp(model: nn.Module, compressor: str | Compressor | None = "topk"
         check_optimizer(opts.optimizer)
     state = FSDPSparsifyState(model, comp, opts, residual_dtype, replicate_group)
     names = {id(p): n for n, p in model.named_parameters()}
+    sizes, installs = [], []
     for module in modules:
         mesh = _mesh_of(module)
         if mesh is None:
@@ -263,11 +273,14 @@ def register_fsdp(model: nn.Module, compressor: str | Compressor | None = "topk"
                              "replica all-reduce is dense); give fully_shard the 1-D shard mesh "
                              "(mesh['shard']) and pass replicate_group=mesh['replicate'].get_group()")
         layout = ShardLayout.of(module, names, mesh.size())
-        if not layout.slots:
-            continue
+        if layout.slots:
+            sizes.append(mesh.size())
+            installs.append((module, layout))
+            state.layouts.append(layout)
+    check_exchange_optimizer(state, sizes, replicate_group)  # before any module is changed
+    for module, layout in installs:
         module.set_reduce_scatter_unused_params(True, recurse=False)
         module.set_custom_reduce_scatter(SparseReduceScatter(state, layout))
-        state.layouts.append(layout)
     if replicate_group is not None:
         install_replicate_hooks(state, modules, replicate_group)
     return state

@@ -23,6 +23,11 @@ plain optimizer on densely averaged gradients first.
    ``p <- p - p.grad`` (AdamW also decays ``p`` by ``lr * weight_decay`` itself) and each rank's state advances
    with its own gradient. A sparse step whose parameter has a gradient but no ``to_wire`` call raises.
 
+**FSDP2.** ``sparsedist.fsdp.register_fsdp(model, "topk", optimizer=opt)`` applies the same contract inside
+FSDP2's reduce-scatter (AdamW only; :mod:`sparsedist.fsdp.optimizer`): ``to_wire`` gets the sharded parameter
+and this rank's unsharded gradient, the warm-up runs on the shards with sharded state, and the ``step()`` that
+ends the warm-up all-gathers that state into full-size per-rank state (a collective: every rank steps).
+
 **Clipping and loss scaling.** In the sparse phase ``p.grad`` holds the averaged *update*, in parameter units,
 not a gradient: do not call ``clip_grad_norm_`` on it; pass ``max_grad_norm`` to the optimizer instead, which
 clips the averaged gradient in the dense phase (as ``clip_grad_norm_`` would) and each rank's local gradient

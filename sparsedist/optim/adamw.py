@@ -50,7 +50,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .base import ExchangeOptimizer
+from .base import ExchangeOptimizer, is_sharded
 
 __all__ = ["AdamW"]
 
@@ -107,11 +107,14 @@ class AdamW(ExchangeOptimizer):
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     @staticmethod
-    def _state(p: torch.Tensor, state: dict) -> dict:
+    def _state(p: torch.Tensor, state: dict, local: torch.Tensor | None = None) -> dict:
+        """``state`` with its moments, created at zero: like ``p``, except in the sparse phase of a sharded
+        (FSDP2) parameter, whose moments have the full size of ``local`` (this rank's unsharded gradient)."""
         if not state:
+            like = local if local is not None and is_sharded(p) else p
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
         return state
 
     def _dense_update(self, p, grad, state, group) -> None:
@@ -139,7 +142,7 @@ class AdamW(ExchangeOptimizer):
         return beta1, beta1 * weight + (1.0 - beta1)
 
     def _direction(self, p, grad, state, group) -> torch.Tensor:
-        state = self._state(p, state)
+        state = self._state(p, state, grad)
         beta2 = group["betas"][1]
         step = state["step"].item() + 1
         beta1, weight = self._first_moment(state, group)

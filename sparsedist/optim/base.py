@@ -19,7 +19,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["ExchangeOptimizer", "closure_loss"]
+try:  # FSDP2's sharded parameters; only needed when they are used
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - old torch
+    DTensor = None  # type: ignore[assignment,misc]
+
+__all__ = ["ExchangeOptimizer", "closure_loss", "is_sharded"]
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for an FSDP2 (``fully_shard``) parameter or state tensor: a DTensor."""
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def closure_loss(closure) -> Any:
@@ -138,9 +148,15 @@ class ExchangeOptimizer(torch.optim.Optimizer):
                 self._apply(p, p.grad, group)
         self._pending.clear()
         self._steps += 1
+        if dense and not self.exchange_is_dense():
+            self._unshard_state()
         self._telemetry["dense_steps" if dense else "sparse_steps"] += 1
         self._telemetry["lr_changed_after_backward"] += lr_changed
         return loss
+
+    def kept_gradients(self) -> list[torch.Tensor]:
+        """The local gradients :meth:`to_wire` keeps until :meth:`step` (full parameter size, this step's)."""
+        return [g for g, _ in self._pending.values()]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As :meth:`torch.optim.Optimizer.zero_grad`; also drops local gradients of a step that never ran."""
@@ -176,6 +192,21 @@ class ExchangeOptimizer(torch.optim.Optimizer):
         self._pending.clear()
 
     # -- helpers ------------------------------------------------------------------------------------------------
+    def _unshard_state(self) -> None:
+        """At the end of the warm-up, sharded (FSDP2) state becomes full-size local state.
+
+        The warm-up's state of a ``fully_shard`` parameter is sharded like it (a DTensor), identical on every
+        rank; the sparse phase advances each rank's state with its own *unsharded* gradient, so every rank needs
+        the full tensor. A collective (an all-gather per tensor): every rank's ``step()`` runs it, in parameter
+        order. Nothing happens for unsharded parameters.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                for key, value in list(state.items()):
+                    if is_sharded(value):  # a copy: the gathered tensor may be a view of a padded buffer
+                        state[key] = value.full_tensor().clone(memory_format=torch.contiguous_format)
+
     def _lookup(self, param: torch.Tensor) -> tuple[dict, str]:
         try:
             return self._owner[param]
