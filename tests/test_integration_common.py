@@ -1,5 +1,6 @@
 """The torchrun launcher of the integration tests (tests/jobs/integration_common.py): a job that hangs is killed,
-its workers included (torch elastic puts them in sessions of their own), and reported with its output."""
+its workers included (torch elastic puts them in sessions of their own), and reported with its output and every
+process's Python stacks."""
 
 import subprocess
 import sys
@@ -21,5 +22,6 @@ def test_a_hanging_job_is_killed_with_its_workers_and_reported(tmp_path):
         torchrun(HANG, str(out), timeout=8)
     assert time.monotonic() - start < 60
     assert str(err.value).count("rank up") == 2  # the workers' output reached the report
+    assert str(err.value).count('hang_job.py", line') >= 2  # and so did where each of them hung
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert left == [], f"workers left running: {left}"

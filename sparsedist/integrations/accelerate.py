@@ -10,6 +10,8 @@
     accelerator.save_state("ckpt/step-600")          # every rank also writes ckpt/step-600/sparsedist/rank{r}-of{P}.pt
     accelerator.load_state("ckpt/step-600")          # every rank reads its own shard back
     log_stats(accelerator, state, step)              # stats() through accelerator.log (its trackers)
+    sparsedist.dist.shutdown()                       # at the end, before accelerator.end_training(), which
+    accelerator.end_training()                       # destroys the group without draining gloo (docs/launch.md)
 
 What goes wrong without it: ``DistributedDataParallelKwargs(comm_hook=...)`` accepts only PyTorch's built-in hooks
 (fp16, bf16, PowerSGD), and objects given to ``accelerator.register_for_checkpointing`` are saved by the main

@@ -8,7 +8,6 @@ Accelerate's TensorBoard tracker.
 
 from __future__ import annotations
 
-import gc
 import sys
 from pathlib import Path
 
@@ -64,13 +63,10 @@ def main(out: str, phase: str, steps: str) -> None:
                 break
     params = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
     dump(out, f"end-{phase}-rank{rank}", {"params": params, "losses": losses, "stats": state.stats()})
-    accelerator.end_training()
-    # DDP's reducer holds the process group: release it while the group is up (a gloo thread may still have to
-    # drop a hook future's Python callback, which needs the GIL), then shut down (docs/launch.md, "Ending a run")
-    accelerator.free_memory()
-    del model, optimizer, loader, state
-    gc.collect()
+    # drain gloo's threads, then destroy the group -- before end_training(), which destroys it without draining and
+    # leaves DDP's reducer holding the group's last reference (docs/launch.md, "Ending a run")
     sparsedist.dist.shutdown()
+    accelerator.end_training()  # the process group is gone: it only closes the trackers now
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ compares them tensor by tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +38,37 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 180) -> 
 
     The output goes to a file, not a pipe: torch elastic starts its workers in sessions of their own, so killing
     torchrun's session leaves them alive, and a worker holding a pipe would block the test forever. On a timeout
-    torchrun's session is killed and so is every process whose command line carries ``args[0]`` (each test's own
-    output directory), which are the workers.
+    torchrun is stopped (SIGSTOP), every worker (a process whose command line carries ``args[0]``, each test's own
+    output directory) gets SIGABRT in turn, on which Python's faulthandler (``PYTHONFAULTHANDLER=1``) prints every
+    thread's stack into the report, then torchrun's session and those processes are killed.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(script), *args]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            if args:  # where it hangs: every thread's Python stack, from every worker; torchrun is stopped first, or
+                # it would terminate the other workers as soon as one dies
+                os.kill(proc.pid, signal.SIGSTOP)
+                pids = subprocess.run(["pgrep", "-f", str(args[0])], capture_output=True, text=True).stdout.split()
+                for pid in (int(p) for p in pids if int(p) != proc.pid):  # one at a time: stacks not interleaved
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGABRT)
+                    time.sleep(0.5)
+                time.sleep(2)
             os.killpg(proc.pid, signal.SIGKILL)
             if args:
                 subprocess.run(["pkill", "-9", "-f", str(args[0])], check=False)
             proc.wait(timeout=30)
             log.seek(0)
             raise AssertionError(f"{script.name} {' '.join(args)} did not finish within {timeout:.0f} s:\n"
-                                 f"{log.read()[-4000:]}") from None
+                                 f"{log.read()[-12000:]}") from None
         log.seek(0)
         out = log.read()
     assert proc.returncode == 0, f"{script.name} {' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}"
