@@ -20,10 +20,8 @@ Configurations (AdamW throughout, lr 3e-3 with warm-up and cosine decay):
   (each rank sends its own Adam update with error feedback; its defaults: one dense warm-up step, sparse-phase
   beta1 0.5, noise correction), the same learning-rate schedule as ``dense``.
 
-``topk_adamx`` runs the example's own ``train()`` through this script (``--worker``, under torchrun), with the
-optimizer swapped and handed to ``register_fsdp``: the example has no flag for it. Its learning rate is set for
-the next step right after each ``optimizer.step()`` (as a torch scheduler would), because the exchange-aware
-optimizer reads it during backward, when it computes the update it sends; the example sets it after backward.
+``topk_adamx`` is the example's ``--optimizer adamx`` (run when ``--optimizer`` here is ``adamw``); its rows are
+compared with ``dense`` AdamW of the same seed.
 """
 
 from __future__ import annotations
@@ -37,13 +35,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import char_gpt_fsdp as example  # noqa: E402  (examples/ is not a package)
-from char_gpt import lr_factor  # noqa: E402
-
-import sparsedist.optim  # noqa: E402
-from sparsedist.fsdp import register_fsdp  # noqa: E402
-
 CONFIGS = {
     "dense": [],
     "topk": ["--exchange", "topk"],
@@ -53,20 +44,20 @@ CONFIGS = {
     "sparse": ["--sparse"],
     "topk_adamx": ["--exchange", "topk"],
 }
-ADAMX = {"topk_adamx"}  # configurations with the exchange-aware AdamW (run through --worker)
+ADAMX = {"topk_adamx"}  # configurations with the exchange-aware AdamW (--optimizer adamx in place of adamw)
 
 
 def run(config: str, seed: int, steps: int, extra: list[str], timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "summary.json"
-        script = ["benchmarks/fsdp_char_gpt.py", "--worker"] if config in ADAMX else ["examples/char_gpt_fsdp.py"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / script[0]), *script[1:], "--steps", str(steps), "--seed", str(seed), "--quiet",
+               str(ROOT / "examples" / "char_gpt_fsdp.py"), "--steps", str(steps), "--seed", str(seed), "--quiet",
                "--json", str(out), *CONFIGS[config], *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         subprocess.run(cmd, check=True, timeout=timeout, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         summary = json.loads(out.read_text())
-    summary.update(config=config, seed=seed, optimizer=summary["config"]["optimizer"])
+    optimizer = summary["config"]["optimizer"]  # adamx is AdamW's rule: compared with dense AdamW
+    summary.update(config=config, seed=seed, optimizer="adamw" if optimizer == "adamx" else optimizer)
     return summary
 
 
@@ -88,32 +79,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def exchange_aware_worker(argv: list[str]) -> dict:
-    """examples/char_gpt_fsdp.py's ``main`` with :class:`sparsedist.optim.AdamW` passed to ``register_fsdp``."""
-    held = {}
-
-    def make_optimizer(args, model):
-        if args.optimizer != "adamw" or args.sparse:
-            raise SystemExit("topk_adamx: the exchange-aware AdamW runs with --optimizer adamw and dense weights")
-        # step 1 is the dense warm-up step, whose learning rate the example sets before step() as for torch's
-        opt = sparsedist.optim.AdamW(model.named_parameters(), lr=args.lr, weight_decay=0.0)
-
-        def next_lr(optimizer, *_):  # the learning rate of the step whose backward comes next
-            factor = lr_factor(optimizer.stats()["steps"] + 1, args.steps, args.lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * factor
-
-        opt.register_step_post_hook(next_lr)
-        held["optimizer"] = opt
-        return opt
-
-    def register(model, exchange, **options):
-        return register_fsdp(model, exchange, optimizer=held["optimizer"], **options)
-
-    example.make_optimizer, example.register_fsdp = make_optimizer, register
-    return example.main(argv)
-
-
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -129,8 +94,10 @@ def main(argv=None) -> list[dict]:
     rows = json.loads(args.json.read_text())["runs"] if args.append and args.json and args.json.exists() else []
     for seed in args.seeds:
         for config in args.configs:
-            rows.append(run(config, seed, args.steps, [*args.extra.split(), "--optimizer", args.optimizer],
-                            args.timeout))
+            if config in ADAMX and args.optimizer != "adamw":
+                raise SystemExit(f"{config} runs the exchange-aware AdamW: use it with --optimizer adamw")
+            optimizer = "adamx" if config in ADAMX else args.optimizer
+            rows.append(run(config, seed, args.steps, [*args.extra.split(), "--optimizer", optimizer], args.timeout))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             if args.json:
                 args.json.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
@@ -140,7 +107,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        exchange_aware_worker(sys.argv[2:])
-    else:
-        main()
+    main()

@@ -17,7 +17,11 @@ exchange -- one flag apart::
   parameter's (active) gradient with error feedback, each entry sent to the rank that owns its shard;
   ``--residual-dtype bfloat16`` halves the residuals' memory.
 
-``--exchange topk`` gives the sparse reduce-scatter alone (dense weights, torch's AdamW). Rank 0 prints a
+``--exchange topk`` gives the sparse reduce-scatter alone (dense weights, torch's AdamW). ``--optimizer adamx``
+(dense weights, the top-k reduce-scatter) is the exchange-aware :class:`sparsedist.optim.AdamW`: each rank sends
+its own Adam update through the sparse reduce-scatter, with full-size per-rank moments
+(:mod:`sparsedist.fsdp.optimizer`). Every step's learning rate is set before its backward pass, where that
+optimizer computes the update it sends. Rank 0 prints a
 progress bar, the validation loss every ``--eval-every`` steps, and a summary: this rank's memory by kind
 (weights, gradients, optimizer state, residuals, masks: :func:`sparsedist.fsdp.training_memory`) and the bytes
 its reduce-scatters sent against FSDP2's dense reduce-scatter (FSDP's parameter all-gathers are dense in every
@@ -40,7 +44,7 @@ from torch.distributed.fsdp import fully_shard
 import sparsedist.dist
 from sparsedist.fsdp import ShardedRigL, ShardLayout, register_fsdp, training_memory
 from sparsedist.fsdp.exchange import reduce_scatter_bytes
-from sparsedist.optim import PackedAdamW, PackedSGD
+from sparsedist.optim import AdamW, PackedAdamW, PackedSGD
 
 try:
     from tqdm import tqdm
@@ -58,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--weight-density", type=float, default=0.1, help="fraction of block Linear weights kept")
     p.add_argument("--rigl-every", type=int, default=100, help="steps between RigL mask updates")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--optimizer", choices=["adamw", "sgd", "adamx"], default="adamw",
+                   help="adamx: the exchange-aware sparsedist.optim.AdamW (dense weights, a sparse exchange)")
     for flag, default in (("--steps", 300), ("--batch-size", 16), ("--block", 64), ("--width", 128),
                           ("--layers", 4), ("--heads", 4)):  # the model and its data, as in examples/char_gpt.py
         p.add_argument(flag, type=int, default=default)
@@ -85,6 +90,11 @@ def make_optimizer(args, model):
         if args.sparse:
             return PackedSGD(model.parameters(), lr=lr, momentum=momentum)
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, foreach=False)
+    if args.optimizer == "adamx":
+        if args.sparse or args.exchange in ("dense", "dgc"):
+            raise SystemExit("--optimizer adamx sends each rank's Adam update through the top-k reduce-scatter: use it "
+                             "with dense weights (no --sparse) and --exchange topk (the default for it)")
+        return AdamW(model.named_parameters(), lr=args.lr, weight_decay=0.0)
     if args.sparse:
         return PackedAdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, foreach=False)
@@ -99,7 +109,7 @@ def dense_reduce_scatter_bytes(model, world: int) -> int:
 
 def train(args) -> dict:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    exchange = args.exchange or ("topk" if args.sparse else "dense")
+    exchange = args.exchange or ("topk" if args.sparse or args.optimizer == "adamx" else "dense")
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every variant
     data = CharData(load_text(args.text))
     model = CharGPT(data.vocab_size, args.width, args.layers, args.heads, args.block)
@@ -117,6 +127,8 @@ def train(args) -> dict:
     state = None
     if exchange != "dense":
         extra = {"momentum": 0.9, "optimizer": optimizer} if exchange == "dgc" else {}
+        if args.optimizer == "adamx":
+            extra = {"optimizer": optimizer}  # the exchange sends its update
         state = register_fsdp(model, exchange, density=args.grad_density, masks=rigl,
                               residual_dtype=args.residual_dtype, **extra)
     label = ("sparse " if args.sparse else "dense ") + f"FSDP2 {args.optimizer}, exchange {exchange}"
@@ -129,12 +141,12 @@ def train(args) -> dict:
     for step in range(1, args.steps + 1):
         x, y = data.batch("train", args.batch_size, args.block, gen)
         optimizer.zero_grad(set_to_none=True)
+        for g, lr in zip(optimizer.param_groups, base):  # before backward: adamx's update is computed there
+            g["lr"] = lr * lr_factor(step, args.steps, args.lr_schedule)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
         if step == args.steps or step == 2:  # between backward and step: everything a step keeps is alive
             memory = training_memory(model, optimizer, state, rigl)
-        for g, lr in zip(optimizer.param_groups, base):
-            g["lr"] = lr * lr_factor(step, args.steps, args.lr_schedule)
         optimizer.step()
         if rigl is not None:
             rigl.step()
