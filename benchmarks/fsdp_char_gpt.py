@@ -57,7 +57,8 @@ def run(config: str, seed: int, steps: int, extra: list[str], timeout: float) ->
         subprocess.run(cmd, check=True, timeout=timeout, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         summary = json.loads(out.read_text())
     optimizer = summary["config"]["optimizer"]  # adamx is AdamW's rule: compared with dense AdamW
-    summary.update(config=config, seed=seed, optimizer="adamw" if optimizer == "adamx" else optimizer)
+    summary.update(config=config, seed=seed, optimizer="adamw" if optimizer == "adamx" else optimizer,
+                   lr=summary["config"]["lr"])
     return summary
 
 
