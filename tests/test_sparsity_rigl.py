@@ -213,6 +213,17 @@ def test_bad_arguments():
         sp.load_state_dict(state)
 
 
+def test_sparse_gradient_is_refused_by_name():
+    """A masked parameter with a sparse gradient (Embedding(sparse=True)) after another masked parameter: the
+    error names it (it used to be lost to a tensor comparison inside the error message's own lookup)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Embedding(10, 4, sparse=True))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    StaticSparsity(model, opt, density=0.5)
+    model[1](torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match=r"parameter '1\.weight' has a sparse gradient"):
+        opt.step()
+
+
 # -- resume parity ---------------------------------------------------------------------------------------
 def _build(cls, opt_name, init_seed):
     torch.manual_seed(init_seed)

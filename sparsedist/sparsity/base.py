@@ -263,12 +263,12 @@ class MaskedSparsity:
                 self._stash = stash
                 return
         with torch.no_grad():
-            for p, m in zip(self._params, self._masks):
+            for name, p, m in zip(self._names, self._params, self._masks):
                 g = p.grad
                 if g is None:
                     continue
                 if g.is_sparse:
-                    raise TypeError(f"parameter {self._names[self._params.index(p)]!r} has a sparse gradient "
+                    raise TypeError(f"parameter {name!r} has a sparse gradient "
                                     f"(e.g. nn.Embedding(sparse=True)), which masked training does not support")
                 g.masked_fill_(~m, 0)
 
