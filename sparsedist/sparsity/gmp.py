@@ -73,15 +73,14 @@ class GradualMagnitudePruning(Pruning):
     def target_density(self, step: int) -> float:
         return 1.0 - self.schedule.sparsity(step)
 
-    def _update_masks(self, step: int, grads: list[torch.Tensor | None]) -> None:
-        budget = None
-        if isinstance(self.budget, Mapping):  # per-layer cubic paths from s_i to each layer's final density
-            s0, sf = self.schedule.initial_sparsity, self.schedule.final_sparsity
-            frac = 0.0 if sf == s0 else (self.schedule.sparsity(step) - s0) / (sf - s0)
-            budget = {n: (1.0 - s0) + (float(d) - (1.0 - s0)) * frac for n, d in self.budget.items()}
-        if self._prune_to(step, self.target_density(step), grads, budget):
-            self._mask_version += 1
-        self.verify_masks()
+    def _budget_at(self, step: int) -> str | Mapping[str, float]:
+        """The configured budget; a dict of final densities becomes each layer's point on its cubic path from
+        ``1 - s_i`` to its final density at ``step``."""
+        if not isinstance(self.budget, Mapping):
+            return self.budget
+        s0, sf = self.schedule.initial_sparsity, self.schedule.final_sparsity
+        frac = 0.0 if sf == s0 else (self.schedule.sparsity(step) - s0) / (sf - s0)
+        return {n: (1.0 - s0) + (float(d) - (1.0 - s0)) * frac for n, d in self.budget.items()}
 
 
 GMP = GradualMagnitudePruning

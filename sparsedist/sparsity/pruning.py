@@ -128,8 +128,12 @@ class Pruning(MaskedSparsity):
             changed |= self._shrink_mask(i, keep)
         return changed
 
+    def _budget_at(self, step: int) -> str | Mapping[str, float]:
+        """How the density of pruning step ``step`` is split over layers (default: the configured budget)."""
+        return self.budget
+
     def _update_masks(self, step: int, grads: list[torch.Tensor | None]) -> None:
-        if self._prune_to(step, self.target_density(step), grads):
+        if self._prune_to(step, self.target_density(step), grads, self._budget_at(step)):
             self._mask_version += 1
         self.verify_masks()
 
