@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..payload import accumulator_dtype, all_finite
+from ..payload import accumulator_dtype, finite_flag
 from .backend import Backend
 from .base import Collective, CostSheet, CostTerms, Reduced
 from .wire import decode, encode
@@ -96,7 +96,8 @@ class Allgather(Collective):
 
 
 def launch_fixed(backend: Backend, indices: torch.Tensor, values: torch.Tensor, numel: int, count: int,
-                 finite: bool | torch.Tensor, dtype: torch.dtype) -> torch.futures.Future:
+                 finite: bool | torch.Tensor, dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.futures.Future:
     """Start the fixed-size allgather of this rank's entries; a future of the :class:`Reduced` sum.
 
     Args:
@@ -107,10 +108,18 @@ def launch_fixed(backend: Backend, indices: torch.Tensor, values: torch.Tensor, 
         count: the bound every rank pads to (the same on every rank; from the configuration).
         finite: whether this rank's gradient is finite: a bool, or a 0-d bool tensor (no host synchronisation).
         dtype: dtype of the sum.
+        out: ``(numel,)`` tensor of ``dtype`` to sum into (zeroed and overwritten by the callback, so nothing may
+            read it meanwhile), e.g. the bucket buffer: saves allocating a vector and copying it back (on a CPU a
+            fresh one is page-faulted in). None: a new vector.
+
+    The sum's finiteness is checked on the positions received (everything else is zero), and the
+    :class:`Reduced` names them (``support``), so averaging can divide those alone.
     """
     pad = count - indices.numel()
     if pad < 0:
         raise RuntimeError(f"sparsedist: {indices.numel()} entries selected where at most {count} were configured")
+    if out is not None and (out.shape != (numel,) or out.dtype != dtype):
+        raise ValueError(f"out must be a ({numel},) tensor of {dtype}, got {tuple(out.shape)} {out.dtype}")
     if pad:
         indices = torch.cat([indices, indices.new_zeros(pad)])
         values = torch.cat([values, values.new_full((pad,), -0.0)])
@@ -122,10 +131,13 @@ def launch_fixed(backend: Backend, indices: torch.Tensor, values: torch.Tensor, 
 
     def total(fut: torch.futures.Future) -> Reduced:
         rows = fut.value()
-        out = torch.zeros(numel, dtype=dtype, device=values.device)
+        summed = torch.zeros(numel, dtype=dtype, device=values.device) if out is None else out.zero_()
+        received = []
         for r in range(rows.shape[0]):
-            scatter_add(out, *decode(rows[r], wire_dtype))
-        return Reduced(out, all_finite(out), max_count=count)
+            idx, vals = decode(rows[r], wire_dtype)
+            scatter_add(summed, idx, vals)
+            received.append(idx)
+        support = torch.cat(received)
+        return Reduced(summed, finite_flag(summed[support]), max_count=count, support=support)
 
     return backend.allgather_async(encode(indices, values, wire_dtype)).then(total)
-

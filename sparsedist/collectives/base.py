@@ -37,12 +37,15 @@ class Reduced:
         finite: every rank's input and the sum were finite (False: some rank overflowed; the sum is not usable).
         kept: ``(nnz,)`` bool, one per entry of this rank's input: whether it is in ``total`` (None: all are).
         max_count: the largest number of entries any rank sent (for the cost model's padding), when known.
+        support: int64 positions outside which ``total`` is zero (duplicates allowed), when known: averaging
+            then divides only these instead of the whole vector.
     """
 
     total: torch.Tensor
     finite: bool
     kept: torch.Tensor | None = None
     max_count: int | None = None
+    support: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -60,10 +60,13 @@ class ValuesAllreduce(Collective):
         return self._total(backend.allreduce(vals), indices, numel, dtype)
 
     def launch(self, indices: torch.Tensor | None, values: torch.Tensor, numel: int, backend: Backend, *,
-               finite: bool | torch.Tensor = True, dtype: torch.dtype | None = None) -> torch.futures.Future:
-        """Start the allreduce; a future of the :class:`Reduced` sum (its callback does local work only)."""
+               finite: bool | torch.Tensor = True, dtype: torch.dtype | None = None,
+               out: torch.Tensor | None = None) -> torch.futures.Future:
+        """Start the allreduce; a future of the :class:`Reduced` sum (its callback does local work only).
+        ``out``: as in :func:`~.allgather.launch_fixed`, a ``(numel,)`` tensor the callback zeroes and scatters
+        the sum into (used only with ``indices``)."""
         vals = self._with_flag(values, finite)
-        return backend.allreduce_async(vals).then(lambda f: self._total(f.value(), indices, numel, dtype))
+        return backend.allreduce_async(vals).then(lambda f: self._total(f.value(), indices, numel, dtype, out))
 
     @staticmethod
     def _with_flag(values: torch.Tensor, finite: bool | torch.Tensor) -> torch.Tensor:
@@ -74,14 +77,15 @@ class ValuesAllreduce(Collective):
         return torch.cat([values, flag])
 
     @staticmethod
-    def _total(vals: torch.Tensor, indices: torch.Tensor | None, numel: int, dtype: torch.dtype | None) -> Reduced:
+    def _total(vals: torch.Tensor, indices: torch.Tensor | None, numel: int, dtype: torch.dtype | None,
+               out: torch.Tensor | None = None) -> Reduced:
         dtype = dtype or accumulator_dtype(vals.dtype)
         ok = not bool(vals[-1] != 0) and all_finite(vals[:-1]) if vals.device.type == "cpu" else \
             (vals[-1] == 0) & torch.isfinite(vals[:-1].sum(dtype=dtype))
         if indices is None:
             return Reduced(vals[:-1].to(dtype), ok)
-        out = torch.zeros(numel, dtype=dtype, device=vals.device)
-        return Reduced(scatter_add(out, indices, vals[:-1]), ok)
+        summed = torch.zeros(numel, dtype=dtype, device=vals.device) if out is None else out.zero_()
+        return Reduced(scatter_add(summed, indices, vals[:-1]), ok, support=indices)
 
     @staticmethod
     def cost(c: CostTerms, sheet: CostSheet) -> None:

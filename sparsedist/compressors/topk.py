@@ -25,27 +25,49 @@ __all__ = ["TopKCompressor", "topk_indices", "sampled_topk_indices"]
 #: below this many elements, or above this density, exact selection is a plain ``torch.topk``
 _PREFILTER_MIN_NUMEL = 1 << 18
 _PREFILTER_MAX_DENSITY = 1 / 16
+#: entries per row of the row-maximum scan in :func:`_at_least`
+_ROW = 32
 
 
 def _abs(x: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
     return x.abs() if workspace is None else workspace.abs(x)
 
 
-def _at_least(mag: torch.Tensor, threshold: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
-    """Indices (int64) of the entries of ``mag`` >= ``threshold``."""
-    if workspace is None:
-        return (mag >= threshold).nonzero().view(-1)
-    mask = torch.ge(mag, threshold, out=workspace.get("mask", mag.numel(), torch.bool, mag.device))
-    return mask.nonzero().view(-1)
+def _at_least(mag: torch.Tensor, threshold: torch.Tensor,
+              workspace: Workspace | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of ``mag`` >= ``threshold``: their indices (int64, ascending) and their values.
+
+    On a CPU a comparison into a bool mask costs about twice a read pass, and ``nonzero`` over it four times. So
+    the maxima of rows of 32 entries come first (one read pass), and only the rows whose maximum reaches the
+    threshold are compared: at a density of 1 % about a third of the rows, at 0.1 % 4 %. When more than half
+    the rows reach it, the whole tensor is compared instead. NaN entries never qualify, as in ``mag >= t``.
+    """
+    n = mag.numel()
+    full = n - n % _ROW
+    rows = mag[:full].view(-1, _ROW)
+    hit = (~(rows.amax(1) < threshold)).nonzero().view(-1)  # a NaN maximum: that row is compared entry by entry
+    if 2 * hit.numel() > rows.shape[0]:
+        if workspace is None:
+            found = (mag >= threshold).nonzero().view(-1)
+        else:
+            found = torch.ge(mag, threshold, out=workspace.get("mask", n, torch.bool, mag.device)).nonzero().view(-1)
+        return found, mag[found]
+    block = rows.index_select(0, hit).view(-1)
+    where = (block >= threshold).nonzero().view(-1)
+    found, values = hit[where // _ROW] * _ROW + where % _ROW, block[where]
+    if full < n:
+        tail = (mag[full:] >= threshold).nonzero().view(-1) + full
+        found, values = torch.cat([found, tail]), torch.cat([values, mag[tail]])
+    return found, values
 
 
 def topk_indices(x: torch.Tensor, k: int, workspace: Workspace | None = None) -> torch.Tensor:
     """Indices (int64, ``(k,)``) of the k largest ``|x|`` of a flat tensor (exact; ties broken arbitrarily).
 
-    On large tensors at low density a full ``torch.topk`` costs 6-11x one memory pass (25M fp32 elements, one CPU
-    thread). So a threshold is first estimated from a strided sample of ``|x|`` (set low enough that at least k
-    entries pass it with near certainty), the entries at or above it are gathered, and the exact top-k is taken
-    among them: all of the k largest are among the candidates whenever at least k pass, so the result is exact.
+    On a CPU, on large tensors at low density, a full ``torch.topk`` costs 6-11x one memory pass (25M fp32
+    elements, one thread). So a threshold is first estimated from a strided sample of ``|x|`` (set low enough that
+    at least k entries pass it with near certainty), the entries at or above it are gathered, and the exact top-k
+    is taken among them: all of the k largest are among the candidates whenever at least k pass, so the result is exact.
     If fewer than k pass (the sample was unrepresentative), it falls back to the full ``torch.topk``.
     ``workspace``: reuse its buffers for ``|x|`` and the candidate mask (see :class:`~.base.Workspace`).
     """
@@ -53,21 +75,20 @@ def topk_indices(x: torch.Tensor, k: int, workspace: Workspace | None = None) ->
     if k >= n:
         return torch.arange(n, device=x.device)
     mag = _abs(x, workspace)
-    if n < _PREFILTER_MIN_NUMEL or k > n * _PREFILTER_MAX_DENSITY:
-        return torch.topk(mag, k, sorted=False).indices
+    if x.device.type != "cpu" or n < _PREFILTER_MIN_NUMEL or k > n * _PREFILTER_MAX_DENSITY:
+        return torch.topk(mag, k, sorted=False).indices  # (an accelerator's topk needs no host synchronisation)
     stride = max(1, n // 65536)
     sample = mag[::stride]
     m = sample.numel()
     expected = k * m / n  # sample entries above the true k-th largest magnitude, on average
     k_s = min(m, math.ceil(expected + 4.0 * math.sqrt(expected) + 8))  # ~4 sigma lower threshold
     threshold = torch.topk(sample, k_s, sorted=False).values.min()
-    candidates = _at_least(mag, threshold, workspace)
+    candidates, cand_mag = _at_least(mag, threshold, workspace)
     if candidates.numel() < k:
         return torch.topk(mag, k, sorted=False).indices
     drop = candidates.numel() - k
     if drop == 0:
         return candidates
-    cand_mag = mag[candidates]
     if drop < k:  # cheaper to find the few smallest candidates than the many largest
         keep = torch.ones(candidates.numel(), dtype=torch.bool, device=x.device)
         keep[torch.topk(cand_mag, drop, largest=False, sorted=False).indices] = False
@@ -97,10 +118,10 @@ def sampled_topk_indices(x: torch.Tensor, k: int, sample_ratio: float = 0.01, mi
     samples = mag[sample_idx]
     k_samples = max(1, math.ceil(k * num_samples / n))
     threshold = torch.topk(samples, k_samples, sorted=False).values.min()
-    candidates = _at_least(mag, threshold, workspace)
+    candidates, cand_mag = _at_least(mag, threshold, workspace)
     count = candidates.numel()
     if count > k:
-        return candidates[torch.topk(mag[candidates], k, sorted=False).indices]
+        return candidates[torch.topk(cand_mag, k, sorted=False).indices]
     if 2 * count < k:
         return topk_indices(x, k, workspace)
     return candidates

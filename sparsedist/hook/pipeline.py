@@ -179,9 +179,13 @@ def launch(state, view: BucketView, units: list[Unit], plan: Plan, finite) -> to
     device = view.buffer.device
     idx = _bucket_indices(units, device)
     vals = _values(units, device, wire)
+    # the sum may go straight into the bucket buffer unless something still to be committed lives in it
+    buffer = view.buffer
+    into = buffer if buffer.dtype == dtype and not any(
+        _shares_storage(t, buffer) for u in units for t in (u.acc, u.payload.values)) else None
     if plan.shared:
-        return ValuesAllreduce().launch(idx, vals, view.numel, state.backend, finite=finite, dtype=dtype)
-    return launch_fixed(state.backend, idx, vals, view.numel, plan.count, finite, dtype)
+        return ValuesAllreduce().launch(idx, vals, view.numel, state.backend, finite=finite, dtype=dtype, out=into)
+    return launch_fixed(state.backend, idx, vals, view.numel, plan.count, finite, dtype, out=into)
 
 
 def commit(state, view: BucketView, units: list[Unit], reduced: Reduced, plan: Plan, scale: float,
@@ -204,8 +208,12 @@ def commit(state, view: BucketView, units: list[Unit], reduced: Reduced, plan: P
                 comp.after_send_all(u.key)
             elif comp is not None and not plan.mask_dense:
                 comp.after_send(u.key, u.payload, finite=ok)
-    out.div_(state.backend.size)
-    view.buffer.copy_(out)
+    if reduced.support is not None and ok is not False:  # zero elsewhere: divide only where something arrived
+        out[reduced.support] = out[reduced.support].div_(state.backend.size)
+    else:
+        out.div_(state.backend.size)
+    if out is not view.buffer:
+        view.buffer.copy_(out)
     state.telemetry.record_finite(step, ok)
     return view.buffer
 
@@ -243,6 +251,10 @@ def _values(units: list[Unit], device: torch.device, dtype: torch.dtype | None =
     if not units:
         return torch.empty(0, dtype=dtype or torch.float32, device=device)
     return torch.cat([u.payload.values if dtype is None else u.payload.values.to(dtype) for u in units])
+
+
+def _shares_storage(t: torch.Tensor, buffer: torch.Tensor) -> bool:
+    return t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 
 def _contiguous(units: list[Unit], numel: int) -> bool:
