@@ -70,21 +70,29 @@ class Allgather(Collective):
 
     def reduce(self, indices: torch.Tensor, values: torch.Tensor, numel: int, backend: Backend, *,
                finite: bool = True, constant: float | None = None, dtype: torch.dtype | None = None,
-               wire_dtype: torch.dtype | None = None, **kw) -> Reduced:
+               wire_dtype: torch.dtype | None = None, out: torch.Tensor | None = None, **kw) -> Reduced:
         """See :meth:`Collective.reduce`; ``constant``: every value is +/-constant (Strom's packed words);
         ``dtype``: the dtype of the sum (default: fp32 for half values, else the values' own); ``wire_dtype``:
-        the dtype values travel in (default: theirs; they are cast once, while encoding)."""
+        the dtype values travel in (default: theirs; they are cast once, while encoding); ``out``: a
+        ``(numel,)`` tensor of the sum's dtype to zero and sum into (e.g. the bucket buffer), else a new one."""
         wire_dtype = wire_dtype or values.dtype
-        out = torch.zeros(numel, dtype=dtype or accumulator_dtype(wire_dtype), device=values.device)
+        dtype = dtype or accumulator_dtype(wire_dtype)
+        if out is not None and (out.shape != (numel,) or out.dtype != dtype):
+            raise ValueError(f"out must be a ({numel},) tensor of {dtype}, got {tuple(out.shape)} {out.dtype}")
         payload = encode(indices, values, wire_dtype, constant) if finite else \
             torch.empty(0, dtype=torch.uint8, device=values.device)
         received, flags = sparse_allgather(backend, payload, 0 if finite else 1)
         ok = not any(flags)
+        total = torch.zeros(numel, dtype=dtype, device=values.device) if out is None else out.zero_()
+        support = []
         if ok:
             for buf in received:  # rank order: every sum has the same order on every rank
-                scatter_add(out, *decode(buf, wire_dtype, constant))
+                idx, vals = decode(buf, wire_dtype, constant)
+                scatter_add(total, idx, vals)
+                support.append(idx)
         entry = 4 if constant is not None else 4 + torch.empty(0, dtype=wire_dtype).element_size()
-        return Reduced(out, ok, max_count=max(b.numel() for b in received) // entry)
+        return Reduced(total, ok, max_count=max(b.numel() for b in received) // entry,
+                       support=torch.cat(support) if support else None)
 
     @staticmethod
     def cost(c: CostTerms, sheet: CostSheet) -> None:

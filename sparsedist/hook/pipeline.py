@@ -161,14 +161,15 @@ def reduce(state, view: BucketView, units: list[Unit], plan: Plan, finite: bool,
     vals = _values(units, view.buffer.device) if finite else view.buffer.new_empty(0, dtype=wire)
     if plan.collective == "allgather":
         reduced = Allgather().reduce(idx, vals, view.numel, backend, finite=finite, dtype=dtype, wire_dtype=wire,
-                                     constant=_packed_constant(units, view.numel))
+                                     constant=_packed_constant(units, view.numel), out=_sum_into(view, units, dtype))
         planner.last_max_count[layout] = reduced.max_count
     else:
         reduced = planner.collective_for(plan.collective, layout).reduce(
             idx, vals.to(wire), view.numel, backend, finite=finite, dtype=dtype, k=plan.count)
         if finite and reduced.kept is not None:  # what did not survive a global top-k returns to the residuals
             _keep_only(units, reduced.kept)
-    planner.last_union[layout] = int(torch.count_nonzero(reduced.total))
+    if state.options.collective == "auto":  # the union's size feeds auto's cost model (a pass over the sum)
+        planner.last_union[layout] = int(torch.count_nonzero(reduced.total))
     _record_time(state, layout, plan.collective, plan.choice, plan.timed, started, reduced.total)
     return reduced
 
@@ -179,10 +180,7 @@ def launch(state, view: BucketView, units: list[Unit], plan: Plan, finite) -> to
     device = view.buffer.device
     idx = _bucket_indices(units, device)
     vals = _values(units, device, wire)
-    # the sum may go straight into the bucket buffer unless something still to be committed lives in it
-    buffer = view.buffer
-    into = buffer if buffer.dtype == dtype and not any(
-        _shares_storage(t, buffer) for u in units for t in (u.acc, u.payload.values)) else None
+    into = _sum_into(view, units, dtype)
     if plan.shared:
         return ValuesAllreduce().launch(idx, vals, view.numel, state.backend, finite=finite, dtype=dtype, out=into)
     return launch_fixed(state.backend, idx, vals, view.numel, plan.count, finite, dtype, out=into)
@@ -253,8 +251,15 @@ def _values(units: list[Unit], device: torch.device, dtype: torch.dtype | None =
     return torch.cat([u.payload.values if dtype is None else u.payload.values.to(dtype) for u in units])
 
 
-def _shares_storage(t: torch.Tensor, buffer: torch.Tensor) -> bool:
-    return t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+def _sum_into(view: BucketView, units: list[Unit], dtype: torch.dtype) -> torch.Tensor | None:
+    """The bucket buffer, if the sum may go straight into it: of the sum's dtype, and nothing still to be
+    committed (an accumulator, a payload) lives in it. Saves a fresh vector and its copy into the buffer."""
+    buffer = view.buffer
+    if buffer.dtype != dtype:
+        return None
+    ptr = buffer.untyped_storage().data_ptr()
+    shared = any(t.untyped_storage().data_ptr() == ptr for u in units for t in (u.acc, u.payload.values))
+    return None if shared else buffer
 
 
 def _contiguous(units: list[Unit], numel: int) -> bool:
