@@ -54,7 +54,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(args.numel, generator=g) * torch.rand(args.numel, generator=g) ** 4).to(device)
-    ctx = SelectContext(step=0, key=0, world_size=2, rank=0, seed=0)
+    ctx = SelectContext(step=0, key="x", world_size=2, rank=0, seed=0)
     floor = _fastest(lambda: x.abs(), args.repeats, device)
     out = torch.empty_like(x)
     bare = _fastest(lambda: torch.abs(x, out=out), args.repeats, device)
@@ -72,15 +72,15 @@ def main(argv=None) -> list[dict]:
                    (f"threshold (tau at {d:.1%})", "threshold", {"threshold": tau})]
         for label, name, opts in configs:
             comp = build_compressor(name, **opts)
-            acc = comp.accumulate(0, x, None)
+            acc = comp.accumulate(x, None, ctx)
             sent = comp.compress(acc, ctx).nnz
-            t = _fastest(lambda: comp.compress(comp.accumulate(0, x, None), ctx), args.repeats, device)
-            t_acc = _fastest(lambda: comp.accumulate(0, x, None), args.repeats, device)
+            t = _fastest(lambda: comp.compress(comp.accumulate(x, None, ctx), ctx), args.repeats, device)
+            t_acc = _fastest(lambda: comp.accumulate(x, None, ctx), args.repeats, device)
             sel = max(t - t_acc, 0.0)
             rows.append({"compressor": label, "density": d, "sent": sent, "seconds": sel, "over_floor": sel / floor,
                          "over_preallocated_pass": sel / bare})
             print(f"{label:<34s} {d:8.3%} {sent:10,d} {sel * 1e3:9.1f} {sel / floor:8.2f} {sel / bare:12.2f}")
-            comp.discard_pending()
+            comp.discard_pending(ctx.key)
     return rows
 
 

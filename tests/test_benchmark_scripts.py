@@ -135,3 +135,12 @@ def test_overlap_benchmark_smoke(tmp_path):
     for r in rows:
         assert min(r["compute_s"], r["exchange_s"], r["overlapped_s"], r["synchronous_s"]) > 0
         assert r["overlapped_vs_max"] == r["overlapped_s"] / max(r["compute_s"], r["exchange_s"])
+
+
+def test_selection_benchmark_times_every_compressor_on_a_small_tensor():
+    selection = importlib.import_module("selection")
+    rows = selection.main(["--numel", "300000", "--repeats", "1"])
+    assert len(rows) == 10 and all(r["seconds"] >= 0 for r in rows)
+    sent = {(r["compressor"], r["density"]): r["sent"] for r in rows}
+    assert sent[("topk (exact)", 0.001)] == 300 and sent[("topk (exact)", 0.01)] == 3000
+    assert sent[("randk", 0.01)] == 3000 and 150 <= sent[("topk (sampled)", 0.001)] <= 300

@@ -247,9 +247,8 @@ def test_selection_workspace_gives_the_same_indices_and_reuses_its_buffers():
     assert pickle.loads(pickle.dumps(comp))._workspace._buffers == {}  # scratch is not pickled
 
 
-def test_candidates_by_row_maxima_are_exactly_the_entries_at_or_above_the_threshold():
-    from sparsedist.compressors.base import Workspace
-    from sparsedist.compressors.topk import _at_least
+def test_entries_by_row_maxima_are_exactly_those_at_or_above_the_threshold():
+    from sparsedist.compressors.base import Workspace, entries_at_least
 
     g = torch.Generator().manual_seed(5)
     for n in (1 << 16, (1 << 16) + 13, 31, 64):  # whole rows, a ragged tail, fewer entries than a row
@@ -257,12 +256,13 @@ def test_candidates_by_row_maxima_are_exactly_the_entries_at_or_above_the_thresh
         mag[n // 2] = float("nan")  # never a candidate, as with mag >= t
         for q in (0.999, 0.99, 0.5, 0.0):  # few rows reach it (row scan), most rows reach it (whole comparison)
             t = mag.nan_to_num(0.0).quantile(q) if n > 1 else mag[0]
-            expected = (mag >= t).nonzero().view(-1)
-            for ws in (None, Workspace()):
-                found, values = _at_least(mag, t, ws)
-                assert torch.equal(found, expected) and torch.equal(values, mag[expected]), (n, q)
-        tie = mag[3].clone()  # an entry equal to the threshold is a candidate
-        assert 3 in _at_least(mag, tie, None)[0].tolist()
+            for strict in (False, True):
+                expected = ((mag > t) if strict else (mag >= t)).nonzero().view(-1)
+                for ws in (None, Workspace()):
+                    found, values = entries_at_least(mag, t, ws, strict=strict)
+                    assert torch.equal(found, expected) and torch.equal(values, mag[expected]), (n, q, strict)
+        tie = mag[3].clone()  # an entry equal to the threshold is a candidate, unless strict
+        assert 3 in entries_at_least(mag, tie)[0].tolist() and 3 not in entries_at_least(mag, tie, strict=True)[0]
 
 
 def test_threshold_with_workspace_selects_strictly_above_tau():

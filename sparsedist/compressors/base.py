@@ -26,7 +26,7 @@ from ..checks import check_density, check_nonnegative
 from ..payload import SparseGrad
 
 __all__ = ["Compressor", "FixedDensityCompressor", "SelectContext", "check_density", "check_nonnegative",
-           "count_for_density"]
+           "count_for_density", "entries_at_least"]
 
 
 @dataclass
@@ -88,6 +88,40 @@ class Workspace:
 
     def __getstate__(self) -> dict:
         return {"_buffers": {}}
+
+
+#: entries per row of the row-maximum scan in :func:`entries_at_least`
+_ROW = 32
+
+
+def entries_at_least(mag: torch.Tensor, threshold: torch.Tensor | float, workspace: Workspace | None = None, *,
+                     strict: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of a flat ``mag`` >= ``threshold`` (``strict``: >): their indices (int64, ascending) and values.
+
+    On a CPU a comparison into a bool mask costs about twice a read pass, and ``nonzero`` over it four times. So
+    the maxima of rows of 32 entries come first (one read pass), and only the rows whose maximum reaches the
+    threshold are compared: at a density of 1 % about a third of the rows, at 0.1 % 4 %. When more than half
+    the rows reach it, the whole tensor is compared instead. NaN entries never qualify, as with ``mag >= t``.
+    ``workspace``: the whole comparison's bool mask reuses its ``"mask"`` buffer.
+    """
+    compare = torch.gt if strict else torch.ge
+    n = mag.numel()
+    full = n - n % _ROW
+    rows = mag[:full].view(-1, _ROW)
+    row_max = rows.amax(1)
+    # a row qualifies unless its maximum fails the test; a NaN maximum: that row is compared entry by entry
+    hit = (~(row_max <= threshold if strict else row_max < threshold)).nonzero().view(-1)
+    if 2 * hit.numel() > rows.shape[0]:
+        out = {} if workspace is None else {"out": workspace.get("mask", n, torch.bool, mag.device)}
+        found = compare(mag, threshold, **out).nonzero().view(-1)
+        return found, mag[found]
+    block = rows.index_select(0, hit).view(-1)
+    where = compare(block, threshold).nonzero().view(-1)
+    found, values = hit[where // _ROW] * _ROW + where % _ROW, block[where]
+    if full < n:
+        tail = compare(mag[full:], threshold).nonzero().view(-1) + full
+        found, values = torch.cat([found, tail]), torch.cat([values, mag[tail]])
+    return found, values
 
 
 class Compressor:

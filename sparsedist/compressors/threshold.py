@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..payload import SparseGrad
-from .base import Compressor, SelectContext, Workspace, check_nonnegative
+from .base import Compressor, SelectContext, Workspace, check_nonnegative, entries_at_least
 
 __all__ = ["ThresholdCompressor"]
 
@@ -42,8 +42,11 @@ class ThresholdCompressor(Compressor):
 
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
         mag = self._workspace.abs(acc)
-        mask = self._workspace.get("mask", acc.numel(), torch.bool, acc.device)
-        idx = torch.gt(mag, self.threshold, out=mask).nonzero().view(-1)
+        if acc.device.type == "cpu":  # row maxima first: fewer comparisons than a whole mask (see entries_at_least)
+            idx = entries_at_least(mag, self.threshold, self._workspace, strict=True)[0]
+        else:
+            idx = torch.gt(mag, self.threshold, out=self._workspace.get("mask", acc.numel(), torch.bool,
+                                                                        acc.device)).nonzero().view(-1)
         if not self.quantize:
             return SparseGrad(idx, acc[idx], acc.numel())
         values = torch.where(acc[idx] >= 0, self.threshold, -self.threshold).to(acc.dtype)
