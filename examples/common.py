@@ -101,7 +101,7 @@ def compressor_options(args: argparse.Namespace, steps_per_epoch: int, optimizer
     c = args.compressor
     if c == "none":
         return {"collective": args.collective} if getattr(args, "collective", None) else {}
-    opts: dict = {"error_feedback": not args.no_error_feedback}
+    opts: dict = {"error_feedback": False} if args.no_error_feedback else {}  # else the compressor's default
     if args.value_dtype:
         opts["value_dtype"] = args.value_dtype
     if args.granularity:

@@ -86,6 +86,25 @@ def test_wangni_probabilities_sum_to_k_and_are_capped():
     assert float(wangni_probabilities(torch.zeros(4), 2).sum()) == 0.0
 
 
+def test_wangni_runs_without_error_feedback_and_refuses_it():
+    from sparsedist.options import ExchangeOptions
+
+    wangni, topk = build_compressor("randk", density=0.1, variant="wangni"), build_compressor("topk", density=0.1)
+    assert not ExchangeOptions().feedback_for(wangni) and ExchangeOptions().feedback_for(topk)
+    assert not ExchangeOptions(error_feedback=False).feedback_for(topk)
+    with pytest.raises(ValueError, match="rescales what it keeps by 1/p.*leave error_feedback unset"):
+        ExchangeOptions(error_feedback=True).check_compressor(wangni)
+    ExchangeOptions(error_feedback=False).check_compressor(wangni)
+    with pytest.raises(TypeError, match="True, False or None"):
+        ExchangeOptions(error_feedback=1)
+    # why: an entry kept with probability p leaves acc (1 - 1/p) behind, here 19x what it was given
+    acc = torch.full((100,), 0.01)
+    sent = WangniCompressor(density=0.05).compress(acc, SelectContext(step=0, key="w", world_size=1, rank=0))
+    left = acc.clone()
+    left[sent.indices] -= sent.values
+    assert sent.nnz > 0 and float(left.norm()) > 1.5 * float(acc.norm())
+
+
 def test_wangni_is_unbiased():
     torch.manual_seed(0)
     x = torch.randn(50)

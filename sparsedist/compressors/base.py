@@ -132,6 +132,10 @@ class Compressor:
         needs_second_moment: True if :meth:`compress` needs ``ctx.second_moment`` (variance-based selection);
             :func:`sparsedist.register` then installs the module hooks that compute it.
         shared_indices: True if every rank selects the same indices (values-only allreduce is valid).
+        contractive: True if what :meth:`compress` leaves behind (``acc - sent``) is never larger than ``acc``
+            (top-k, threshold, uniform rand-k): what error feedback needs to converge (Karimireddy et al. 2019).
+            An unbiased compressor that rescales its values by ``1/p`` is not; error feedback is then off unless
+            asked for, and refused if asked for.
         count_bounded: True if :meth:`compress` never returns more than ``count_for_density(n, density_at(step))``
             entries, so that payloads can be padded to a bound known from the configuration (the hook then sends
             them with one asynchronous collective of fixed size, overlapped with the backward pass).
@@ -146,6 +150,7 @@ class Compressor:
     needs_second_moment = False
     shared_indices = False
     count_bounded = False
+    contractive = True
     dense_fallback = True
     accumulates_plainly = True
 

@@ -8,8 +8,10 @@
   communication-efficient distributed optimization"): entry i is kept with probability
   ``p_i = min(lambda * |g_i|, 1)``, with lambda solved so that ``sum p_i = k``, and kept values are rescaled by
   ``1 / p_i`` so the result is unbiased. Indices differ per rank and are exchanged with the values.
-  The paper uses no memory; with ``error_feedback=True`` (sparsedist's default) the residual keeps
-  ``acc - sent``, whose expectation is zero. Pass ``error_feedback=False`` for the paper's exact setting.
+  The paper uses no memory, and neither does sparsedist by default: an entry kept with probability p leaves
+  ``acc (1 - 1/p)`` behind, up to hundreds of times ``acc``, so the compressor is not a contraction and error
+  feedback diverges (MNIST MLP, 2 ranks, 1 %, one epoch: 9.8 % test accuracy and an infinite residual norm with
+  it, 94.9 % without it, plain DDP 95.0 %); ``error_feedback=True`` is refused.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class WangniCompressor(FixedDensityCompressor):
     """
 
     name = "wangni"
+    contractive = False  # acc - acc/p can be far larger than acc: error feedback would diverge
 
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
         k = count_for_density(acc.numel(), self.density)

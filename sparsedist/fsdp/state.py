@@ -90,8 +90,8 @@ class FSDPSparsifyState:
         options.check_compressor(compressor)
         self.options = options
         self.compressor = compressor
-        self.feedback = CompactFeedback(options.error_feedback and (compressor is not None or options.masks
-                                                                    is not None),
+        self.feedback = CompactFeedback(options.feedback_for(compressor) and (compressor is not None
+                                                                            or options.masks is not None),
                                         residual_dtype_of(residual_dtype))
         self.telemetry = Telemetry()
         self.replicate_group = replicate_group

@@ -72,7 +72,7 @@ class SparsifyState:
         opts.check_compressor(compressor)
         self.options = opts
         self.compressor = compressor
-        self.feedback = ErrorFeedback(enabled=opts.error_feedback and compressor is not None)
+        self.feedback = ErrorFeedback(enabled=opts.feedback_for(compressor) and compressor is not None)
         self.telemetry = Telemetry()
         self.planner = Planner(opts, compressor)
         self.step = 0

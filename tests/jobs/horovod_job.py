@@ -100,7 +100,7 @@ def sc_mass(rank, size):
     """Error feedback conserves gradient mass: P*(w0 - wT)/lr + sum_r residual_r = sum_r sum_t g_r,t."""
     out = {}
     for name, opts in (("topk", {"density": 0.05}), ("threshold", {"threshold": 0.8}),
-                       ("randk", {"density": 0.05}), ("randk", {"density": 0.05, "variant": "wangni"}),
+                       ("randk", {"density": 0.05}),  # (Wangni's rand-k runs without error feedback)
                        ("dgc", {"density": 0.05, "momentum": 0.0, "warmup_steps": 0})):
         model = Linear1(300)
         opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model.named_parameters(), name,
