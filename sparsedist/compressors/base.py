@@ -101,17 +101,20 @@ def entries_at_least(mag: torch.Tensor, threshold: torch.Tensor | float, workspa
     On a CPU a comparison into a bool mask costs about twice a read pass, and ``nonzero`` over it four times. So
     the maxima of rows of 32 entries come first (one read pass), and only the rows whose maximum reaches the
     threshold are compared: at a density of 1 % about a third of the rows, at 0.1 % 4 %. When more than half
-    the rows reach it, the whole tensor is compared instead. NaN entries never qualify, as with ``mag >= t``.
-    ``workspace``: the whole comparison's bool mask reuses its ``"mask"`` buffer.
+    the rows reach it, the whole tensor is compared instead, and always on an accelerator (where each ``nonzero``
+    waits for the host). NaN entries never qualify, as with ``mag >= t``. ``workspace``: the whole comparison's
+    bool mask reuses its ``"mask"`` buffer.
     """
     compare = torch.gt if strict else torch.ge
     n = mag.numel()
     full = n - n % _ROW
     rows = mag[:full].view(-1, _ROW)
-    row_max = rows.amax(1)
-    # a row qualifies unless its maximum fails the test; a NaN maximum: that row is compared entry by entry
-    hit = (~(row_max <= threshold if strict else row_max < threshold)).nonzero().view(-1)
-    if 2 * hit.numel() > rows.shape[0]:
+    hit = None
+    if mag.device.type == "cpu":
+        row_max = rows.amax(1)
+        # a row qualifies unless its maximum fails the test; a NaN maximum: that row is compared entry by entry
+        hit = (~(row_max <= threshold if strict else row_max < threshold)).nonzero().view(-1)
+    if hit is None or 2 * hit.numel() > rows.shape[0]:
         out = {} if workspace is None else {"out": workspace.get("mask", n, torch.bool, mag.device)}
         found = compare(mag, threshold, **out).nonzero().view(-1)
         return found, mag[found]

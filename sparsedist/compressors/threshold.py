@@ -41,12 +41,7 @@ class ThresholdCompressor(Compressor):
         self._workspace = Workspace()  # |acc| and the mask, reused between calls (no page faults per call)
 
     def compress(self, acc: torch.Tensor, ctx: SelectContext) -> SparseGrad:
-        mag = self._workspace.abs(acc)
-        if acc.device.type == "cpu":  # row maxima first: fewer comparisons than a whole mask (see entries_at_least)
-            idx = entries_at_least(mag, self.threshold, self._workspace, strict=True)[0]
-        else:
-            idx = torch.gt(mag, self.threshold, out=self._workspace.get("mask", acc.numel(), torch.bool,
-                                                                        acc.device)).nonzero().view(-1)
+        idx = entries_at_least(self._workspace.abs(acc), self.threshold, self._workspace, strict=True)[0]
         if not self.quantize:
             return SparseGrad(idx, acc[idx], acc.numel())
         values = torch.where(acc[idx] >= 0, self.threshold, -self.threshold).to(acc.dtype)
