@@ -4,6 +4,11 @@
         --json docs/overlap_100mbit.json
     torchrun --nproc_per_node=2 benchmarks/overlap.py --json docs/overlap_loopback.json   # loopback
     torchrun --nproc_per_node=2 benchmarks/overlap.py --width 256 --depth 4 --steps 5     # loopback, small
+    torchrun --nproc_per_node=1 benchmarks/overlap.py --device cuda    # one GPU: the exchange's local work alone
+
+With ``--device cuda`` the model, batches and gradients live on the GPU and the group uses NCCL; at one rank
+nothing crosses a wire, so ``exchange`` is the hook's local work on the device (selection, encoding, decoding,
+the commit) and ``overlapped`` the step with it: how much a GPU step pays for that work.
 
 A deep MLP, 784 -> W -> ... -> W -> 10 with ``--depth`` hidden layers (12 x 1450: 25.2M parameters; synthetic
 inputs, the shapes are what matter), batch 32 per rank, SGD, DDP buckets of ``--bucket-mb`` (4 MB: about one
@@ -60,30 +65,37 @@ def _local_hook(state, bucket):
     return completed_future(bucket.buffer())
 
 
-def _slowest(seconds: list[float]) -> float:
+def _slowest(seconds: list[float], device: torch.device) -> float:
     """Median over steps of the slowest rank's time (one allreduce of the per-step times)."""
-    t = torch.tensor(seconds, dtype=torch.float64)
+    t = torch.tensor(seconds, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return statistics.median(t.tolist())
 
 
-def _steps(ddp, opt, batches, warmup: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _steps(ddp, opt, batches, warmup: int, device: torch.device) -> float:
     times = []
     for i, (x, y) in enumerate(batches):
+        _sync(device)
         dist.barrier()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(ddp(x), y).backward()
         opt.step()
+        _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return _slowest(times)
+    return _slowest(times, device)
 
 
-def _exchange_alone(args, density: float, mode: str, batches, bucket_elements: int) -> float:
+def _exchange_alone(args, density: float, mode: str, batches, bucket_elements: int, device: torch.device) -> float:
     """The hook's exchange of real gradients, bucket after bucket, with nothing to overlap."""
     torch.manual_seed(0)
-    model = MLP(args.width, args.depth)
+    model = MLP(args.width, args.depth).to(device)
     params = [p for p in model.parameters()][::-1]  # DDP's bucket order: the last layers' gradients first
     buckets, current = [], []
     for p in params:
@@ -99,13 +111,15 @@ def _exchange_alone(args, density: float, mode: str, batches, bucket_elements: i
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
         flats = [torch.cat([p.grad.reshape(-1) for p in b]) for b in buckets]
+        _sync(device)
         dist.barrier()
         t0 = time.perf_counter()
         for j, (flat, b) in enumerate(zip(flats, buckets)):
             state.exchange(FlatBucket(flat, b, j, j == len(buckets) - 1)).wait()
+        _sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    return _slowest(times)
+    return _slowest(times, device)
 
 
 def main(argv=None) -> list[dict]:
@@ -119,32 +133,37 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--modes", default="exact,sampled", help="top-k selection: torch.topk, or DGC's sampled "
                     "threshold (a fraction of the local work)")
     ap.add_argument("--bucket-mb", type=float, default=4.0, help="DDP's bucket_cap_mb")
+    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
     ap.add_argument("--json", type=Path, help="rank 0 writes the rows here")
     args = ap.parse_args(argv)
-    rank, world, _ = sparsedist.dist.init()
+    rank, world, _ = sparsedist.dist.init("nccl" if args.device == "cuda" else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     g = torch.Generator().manual_seed(rank)
-    batches = [(torch.randn(args.batch, 784, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
+    batches = [(torch.randn(args.batch, 784, generator=g).to(device),
+                torch.randint(0, 10, (args.batch,), generator=g).to(device))
                for _ in range(args.warmup + args.steps)]
     numel = sum(p.numel() for p in MLP(args.width, args.depth).parameters())
     bucket_elements = int(args.bucket_mb * 2**20 / 4)
 
     def build(**register):
         torch.manual_seed(0)
-        ddp = DDP(MLP(args.width, args.depth), bucket_cap_mb=args.bucket_mb)
+        ddp = DDP(MLP(args.width, args.depth).to(device), bucket_cap_mb=args.bucket_mb,
+                  device_ids=[device.index] if device.type == "cuda" else None)
         if register:
             sparsedist.register(ddp, "topk", **register)
         else:
             ddp.register_comm_hook(None, _local_hook)
         return ddp, torch.optim.SGD(ddp.parameters(), lr=0.01)
 
-    compute = _steps(*build(), batches, args.warmup)
+    compute = _steps(*build(), batches, args.warmup, device)
     rows = []
     for mode in args.modes.split(","):
         for d in (float(x) for x in args.densities.split(",")):
-            exchange = _exchange_alone(args, d, mode, batches, bucket_elements)
-            overlapped = _steps(*build(density=d, mode=mode), batches, args.warmup)
-            synchronous = _steps(*build(density=d, mode=mode, timeout=600.0), batches, args.warmup)
-            row = {"density": d, "mode": mode, "parameters": numel, "ranks": world, "compute_s": compute,
+            exchange = _exchange_alone(args, d, mode, batches, bucket_elements, device)
+            overlapped = _steps(*build(density=d, mode=mode), batches, args.warmup, device)
+            synchronous = _steps(*build(density=d, mode=mode, timeout=600.0), batches, args.warmup, device)
+            row = {"density": d, "mode": mode, "parameters": numel, "ranks": world, "device": str(device),
+                   "compute_s": compute,
                    "exchange_s": exchange, "overlapped_s": overlapped, "synchronous_s": synchronous,
                    "overlapped_vs_max": overlapped / max(compute, exchange),
                    "synchronous_vs_sum": synchronous / (compute + exchange)}
