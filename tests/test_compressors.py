@@ -97,6 +97,17 @@ def test_wangni_runs_without_error_feedback_and_refuses_it():
     ExchangeOptions(error_feedback=False).check_compressor(wangni)
     with pytest.raises(TypeError, match="True, False or None"):
         ExchangeOptions(error_feedback=1)
+    # a checkpoint of such a run (error feedback on, as the default was) is refused, not silently resumed
+    import sparsedist
+    model = torch.nn.Linear(4, 3)
+    state = sparsedist.SparsifyState(list(model.named_parameters()), "randk", density=0.5, variant="wangni")
+    saved = state.state_dict()
+    saved["feedback"] = {"enabled": True, "residuals": {"weight": torch.ones(12)}}
+    with pytest.raises(ValueError, match="drop them to resume"):
+        state.load_state_dict(saved)
+    saved["feedback"] = {"enabled": False, "residuals": {}}
+    state.load_state_dict(saved)
+    assert not state.feedback.enabled
     # why: an entry kept with probability p leaves acc (1 - 1/p) behind, here 19x what it was given
     acc = torch.full((100,), 0.01)
     sent = WangniCompressor(density=0.05).compress(acc, SelectContext(step=0, key="w", world_size=1, rank=0))
