@@ -63,6 +63,29 @@ def scatter_add(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) 
     return out
 
 
+def _check_out(out: torch.Tensor | None, numel: int, dtype: torch.dtype) -> None:
+    """Refuse an ``out`` vector (to sum into) that is not ``(numel,)`` of ``dtype``; None passes."""
+    if out is not None and (out.shape != (numel,) or out.dtype != dtype):
+        raise ValueError(f"out must be a ({numel},) tensor of {dtype}, got {tuple(out.shape)} {out.dtype}")
+
+
+def zeroed(out: torch.Tensor | None, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``out`` zeroed in place, or a new ``(numel,)`` zero vector of ``dtype`` on ``device``."""
+    return torch.zeros(numel, dtype=dtype, device=device) if out is None else out.zero_()
+
+
+def _sum_payloads(total: torch.Tensor, payloads, wire_dtype: torch.dtype,
+                  constant: float | None = None) -> torch.Tensor | None:
+    """Scatter-add each encoded payload into ``total``, in order (the same order on every rank); returns the
+    positions received (int64, duplicates kept), or None when there were no payloads."""
+    received = []
+    for buf in payloads:
+        idx, vals = decode(buf, wire_dtype, constant)
+        scatter_add(total, idx, vals)
+        received.append(idx)
+    return torch.cat(received) if received else None
+
+
 class Allgather(Collective):
     """Every rank's entries to every rank, summed in rank order (the exact sum; bytes grow as ``(P-1) k``)."""
 
@@ -77,22 +100,15 @@ class Allgather(Collective):
         ``(numel,)`` tensor of the sum's dtype to zero and sum into (e.g. the bucket buffer), else a new one."""
         wire_dtype = wire_dtype or values.dtype
         dtype = dtype or accumulator_dtype(wire_dtype)
-        if out is not None and (out.shape != (numel,) or out.dtype != dtype):
-            raise ValueError(f"out must be a ({numel},) tensor of {dtype}, got {tuple(out.shape)} {out.dtype}")
+        _check_out(out, numel, dtype)
         payload = encode(indices, values, wire_dtype, constant) if finite else \
             torch.empty(0, dtype=torch.uint8, device=values.device)
         received, flags = sparse_allgather(backend, payload, 0 if finite else 1)
         ok = not any(flags)
-        total = torch.zeros(numel, dtype=dtype, device=values.device) if out is None else out.zero_()
-        support = []
-        if ok:
-            for buf in received:  # rank order: every sum has the same order on every rank
-                idx, vals = decode(buf, wire_dtype, constant)
-                scatter_add(total, idx, vals)
-                support.append(idx)
+        total = zeroed(out, numel, dtype, values.device)
+        support = _sum_payloads(total, received if ok else [], wire_dtype, constant)  # rank order
         entry = 4 if constant is not None else 4 + torch.empty(0, dtype=wire_dtype).element_size()
-        return Reduced(total, ok, max_count=max(b.numel() for b in received) // entry,
-                       support=torch.cat(support) if support else None)
+        return Reduced(total, ok, max_count=max(b.numel() for b in received) // entry, support=support)
 
     @staticmethod
     def cost(c: CostTerms, sheet: CostSheet) -> None:
@@ -126,8 +142,7 @@ def launch_fixed(backend: Backend, indices: torch.Tensor, values: torch.Tensor, 
     pad = count - indices.numel()
     if pad < 0:
         raise RuntimeError(f"sparsedist: {indices.numel()} entries selected where at most {count} were configured")
-    if out is not None and (out.shape != (numel,) or out.dtype != dtype):
-        raise ValueError(f"out must be a ({numel},) tensor of {dtype}, got {tuple(out.shape)} {out.dtype}")
+    _check_out(out, numel, dtype)
     if pad:
         indices = torch.cat([indices, indices.new_zeros(pad)])
         values = torch.cat([values, values.new_full((pad,), -0.0)])
@@ -139,13 +154,8 @@ def launch_fixed(backend: Backend, indices: torch.Tensor, values: torch.Tensor, 
 
     def total(fut: torch.futures.Future) -> Reduced:
         rows = fut.value()
-        summed = torch.zeros(numel, dtype=dtype, device=values.device) if out is None else out.zero_()
-        received = []
-        for r in range(rows.shape[0]):
-            idx, vals = decode(rows[r], wire_dtype)
-            scatter_add(summed, idx, vals)
-            received.append(idx)
-        support = torch.cat(received)
+        summed = zeroed(out, numel, dtype, values.device)
+        support = _sum_payloads(summed, rows.unbind(0), wire_dtype)  # one row per rank, in rank order
         return Reduced(summed, finite_flag(summed[support]), max_count=count, support=support)
 
     return backend.allgather_async(encode(indices, values, wire_dtype)).then(total)

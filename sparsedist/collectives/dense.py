@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..payload import accumulator_dtype, all_finite
-from .allgather import scatter_add
+from .allgather import scatter_add, zeroed
 from .backend import Backend, ring_allreduce_bytes
 from .base import Collective, CostSheet, CostTerms, Reduced
 
@@ -84,8 +84,7 @@ class ValuesAllreduce(Collective):
             (vals[-1] == 0) & torch.isfinite(vals[:-1].sum(dtype=dtype))
         if indices is None:
             return Reduced(vals[:-1].to(dtype), ok)
-        summed = torch.zeros(numel, dtype=dtype, device=vals.device) if out is None else out.zero_()
-        return Reduced(scatter_add(summed, indices, vals[:-1]), ok, support=indices)
+        return Reduced(scatter_add(zeroed(out, numel, dtype, vals.device), indices, vals[:-1]), ok, support=indices)
 
     @staticmethod
     def cost(c: CostTerms, sheet: CostSheet) -> None:
