@@ -19,7 +19,7 @@ import torch
 
 from .payload import SparseGrad, accumulator_dtype
 
-__all__ = ["ErrorFeedback"]
+__all__ = ["ErrorFeedback", "check_resumable"]
 
 
 class ErrorFeedback:
@@ -96,3 +96,14 @@ class ErrorFeedback:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.enabled = bool(state.get("enabled", self.enabled))
         self.residuals = {k: v.clone() for k, v in state.get("residuals", {}).items()}
+
+
+def check_resumable(compressor: Any, feedback_state: dict[str, Any]) -> None:
+    """Refuse saved error-feedback residuals for a compressor that runs without error feedback because it is not a
+    contraction (``compressor.contractive`` False: Wangni's rand-k), e.g. a checkpoint from when error feedback
+    was on by default for it: resuming them would switch it back on, and they grow without bound."""
+    if feedback_state.get("enabled") and feedback_state.get("residuals") and compressor is not None \
+            and not compressor.contractive:
+        raise ValueError(f"state holds error-feedback residuals of {compressor.name}, which runs without error "
+                         f"feedback (its rescaled values made them grow without bound); drop them to resume: "
+                         f"state['feedback'] = {{'enabled': False, 'residuals': {{}}}}")

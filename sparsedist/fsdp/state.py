@@ -25,6 +25,7 @@ from torch import nn
 from ..collectives.backend import TorchBackend
 from ..compressors.base import Compressor, SelectContext
 from ..compressors.dgc import check_optimizer
+from ..feedback import check_resumable
 from ..optim.packed import repack
 from ..options import exchange_aware, split_options
 from ..stats import Telemetry
@@ -215,6 +216,7 @@ class FSDPSparsifyState:
         if unknown:
             raise ValueError(f"state has residuals for parameters this model does not have: {unknown[:5]}; load it "
                              f"into the model it was saved from")
+        check_resumable(self.compressor, state["feedback"])
         self.step = int(state["step"])
         self.feedback.load_state_dict(state["feedback"])
         if self.compressor is not None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ..collectives.backend import Backend, TorchBackend
 from ..compressors.base import Compressor, SelectContext
 from ..compressors.dgc import check_optimizer
-from ..feedback import ErrorFeedback
+from ..feedback import ErrorFeedback, check_resumable
 from ..options import ExchangeOptions, exchange_aware, split_options
 from ..second_moment import SecondMomentCollector
 from ..stats import Telemetry
@@ -285,14 +285,9 @@ class SparsifyState:
         if unknown and not self.params.first_seen:
             raise ValueError(f"state has residuals for parameters this model does not have: {unknown[:5]}; "
                              f"load it into the model it was saved from")
-        fb = state["feedback"]
-        if fb.get("enabled") and fb.get("residuals") and self.compressor is not None \
-                and not self.compressor.contractive:
-            raise ValueError(f"state holds error-feedback residuals of {self.compressor.name}, which runs without "
-                             f"error feedback (its rescaled values made them grow without bound); drop them to "
-                             f"resume: state['feedback'] = {{'enabled': False, 'residuals': {{}}}}")
+        check_resumable(self.compressor, state["feedback"])
         self.step = int(state["step"])
-        self.feedback.load_state_dict(fb)
+        self.feedback.load_state_dict(state["feedback"])
         if self.compressor is not None:
             self.compressor.load_state_dict(state.get("compressor", {}))
         self.telemetry.load_state_dict(state.get("telemetry", {}))
