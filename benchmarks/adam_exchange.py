@@ -18,7 +18,11 @@ gradient clipping at 1.0, linear warm-up over 5 % of the steps then cosine decay
   then ``torch.optim.AdamW``;
 * ``sparse-adamw``: :class:`sparsedist.optim.AdamW` with its defaults (each rank's own Adam update on the wire,
   noise-corrected second moment, beta1 0.5 in the sparse phase, one dense warm-up step), top-k with error
-  feedback, ``max_grad_norm=1.0``.
+  feedback, ``max_grad_norm=1.0``;
+* ``sparse-adamw-reset``: the same with ``error_reset=True`` (each rank's gradient at its local model, the
+  consensus minus its residual: :mod:`sparsedist.optim.error_reset`). Evaluated is the mean of the local models
+  (what ``optimizer.consolidate()`` makes every rank's parameters; computed on a copy, its allreduce not counted),
+  and the run ends with one real consolidation, counted as a dense fp32 ring allreduce.
 
 On real processes only (``--mode dist``; ``figure --model chargpt`` runs them with 2 ranks over loopback):
 
@@ -74,7 +78,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from sparsedist.collectives import ring_allreduce_bytes  # noqa: E402
 from sparsedist.datasets import tinyshakespeare  # noqa: E402
 
-METHODS = ("ddp", "topk-grad", "sparse-adamw")
+METHODS = ("ddp", "topk-grad", "sparse-adamw", "sparse-adamw-reset")
 # real processes only (--mode dist): PyTorch's own DDP hooks, and sparse-adamw through sparsedist's DDP hook
 DIST_METHODS = ("fp16", "powersgd-r2", "powersgd-r4", "sparse-adamw-hook")
 POWERSGD_START = 2  # PowerSGD's dense allreduce steps before it compresses (the least torch accepts with EF)
@@ -126,9 +130,9 @@ def lr_factor(step: int, steps: int) -> float:
 
 def make_optimizer(model: nn.Module, method: str, steps: int, warmup: int, workers: int | None = None):
     """The optimizer and its lr schedule; ``workers`` tells sparse-adamw P when there is no process group."""
-    if method == "sparse-adamw":
+    if method.startswith("sparse-adamw"):
         opt = so.AdamW(param_groups(model), lr=LR, betas=BETAS, weight_decay=WD, warmup_steps=warmup,
-                       max_grad_norm=CLIP, world_size=workers)
+                       max_grad_norm=CLIP, world_size=workers, error_reset=method == "sparse-adamw-reset")
     else:
         opt = torch.optim.AdamW(param_groups(model), lr=LR, betas=BETAS, weight_decay=WD, foreach=False)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
@@ -155,12 +159,13 @@ class SimExchange:
         self.method, self.models, self.opts, self.density = method, models, opts, density
         self.dtype = getattr(torch, value_dtype)
         self.vbytes = _VALUE_BYTES[value_dtype]
-        self.residuals = [dict() for _ in models]
+        self.residuals = [dict() for _ in models]  # per worker: parameter name -> residual
+        self.names = [n for n, _ in models[0].named_parameters()]
 
     def __call__(self) -> int:
         P = len(self.models)
         columns = list(zip(*[list(m.parameters()) for m in self.models]))  # one tuple of replicas per parameter
-        dense = self.method == "ddp" or (self.method == "sparse-adamw" and self.opts[0].exchange_is_dense())
+        dense = self.method == "ddp" or (self.method != "topk-grad" and self.opts[0].exchange_is_dense())
         sent_bytes, pending, finite = 0, [], True
         for i, ps in enumerate(columns):
             n = ps[0].numel()
@@ -174,7 +179,7 @@ class SimExchange:
             total = torch.zeros(n)
             for r, p in enumerate(ps):
                 wire = p.grad if self.method == "topk-grad" else self.opts[r].to_wire(p, p.grad)
-                idx, values, acc = so.local_selection(wire, self.residuals[r].get(i), k, self.dtype)
+                idx, values, acc = so.local_selection(wire, self.residuals[r].get(self.names[i]), k, self.dtype)
                 total.index_add_(0, idx, values.float())
                 pending.append((r, i, idx, values, acc))
             total = total.to(self.dtype).float()  # the collective accumulates in fp32, rounds to the value dtype
@@ -184,8 +189,31 @@ class SimExchange:
             sent_bytes += (P - 1) * (16 + k * (4 + self.vbytes))
         if finite:
             for r, i, idx, values, acc in pending:
-                self.residuals[r][i] = so.commit_residual(acc, idx, values)
+                self.residuals[r][self.names[i]] = so.commit_residual(acc, idx, values)
         return sent_bytes
+
+    def bind(self) -> None:
+        """Error reset: each worker's optimizer localises its replica by that worker's residuals."""
+        for r, (m, opt) in enumerate(zip(self.models, self.opts)):
+            opt.attach_exchange(list(m.named_parameters()), lambda r=r: self.residuals[r], lambda: None, m)
+
+    @torch.no_grad()
+    def mean_local_model(self, apply: bool) -> list[torch.Tensor] | None:
+        """Subtract the workers' mean residual from every replica (the consensus becomes the mean local model).
+        ``apply``: for good (residuals cleared, as ``optimizer.consolidate()``); else returns the consensus."""
+        kept = [p.detach().clone() for p in self.models[0].parameters()]
+        P = len(self.models)
+        for name, p0 in zip(self.names, self.models[0].parameters()):
+            parts = [res[name] for res in self.residuals if name in res]
+            if parts:
+                mean = (sum(parts) / P).view(p0.shape)
+                for m in (self.models if apply else self.models[:1]):
+                    dict(m.named_parameters())[name].sub_(mean)
+        if apply:
+            for res in self.residuals:
+                res.clear()
+            return None
+        return kept
 
 
 def run_sim(cfg: dict) -> dict:
@@ -199,6 +227,9 @@ def run_sim(cfg: dict) -> dict:
     built = [make_optimizer(m, cfg["method"], steps, cfg["warmup"], P) for m in models]
     opts, scheds = [b[0] for b in built], [b[1] for b in built]
     exchange = SimExchange(cfg["method"], models, opts, cfg["density"], cfg["value_dtype"])
+    reset = cfg["method"] == "sparse-adamw-reset"
+    if reset:
+        exchange.bind()
     gens = [torch.Generator().manual_seed(cfg["seed"] * 100 + r) for r in range(P)]
     vgen = torch.Generator().manual_seed(1234)
     val_batches = [data.batch("val", BATCH, BLOCK, vgen) for _ in range(cfg["eval_batches"])]
@@ -212,7 +243,7 @@ def run_sim(cfg: dict) -> dict:
             F.cross_entropy(m(x).flatten(0, 1), y.flatten()).backward()
         sent += exchange()
         for m, opt, sched in zip(models, opts, scheds):
-            if cfg["method"] != "sparse-adamw":  # the user's clipping, on the averaged gradient
+            if not cfg["method"].startswith("sparse-adamw"):  # the user's clipping, on the averaged gradient
                 torch.nn.utils.clip_grad_norm_(m.parameters(), CLIP)
             opt.step()
             sched.step()
@@ -221,7 +252,15 @@ def run_sim(cfg: dict) -> dict:
             for m in models[1:]:
                 if not torch.equal(ref, torch.cat([p.detach().reshape(-1) for p in m.parameters()])):
                     raise RuntimeError(f"workers' parameters differ at step {step}")
+            if reset and step == steps:  # the end of training: consolidate for real, one dense allreduce
+                exchange.mean_local_model(apply=True)
+                sent += dense_per_step
+            kept = exchange.mean_local_model(apply=False) if reset else None
             history.append([step, round(val_loss(models[0], val_batches), 4), sent])
+            if kept is not None:
+                with torch.no_grad():
+                    for p, k in zip(models[0].parameters(), kept):
+                        p.copy_(k)
     return {**cfg, "params": n, "history": history, "final": history[-1][1], "bytes_sent": sent,
             "bytes_dense": dense_per_step * steps, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -232,7 +271,7 @@ def _dist_exchange(model: nn.Module, opt, cfg: dict, P: int):
     call after backward or None, ``bytes_so_far(step)``: the bytes one rank sent in steps 1..step)."""
     method, params = cfg["method"], list(model.parameters())
     dense = sum(ring_allreduce_bytes(p.numel(), 4, P) for p in params)
-    if method == "sparse-adamw":
+    if method in ("sparse-adamw", "sparse-adamw-reset"):
         exchange = so.ReferenceExchange(model, opt, density=cfg["density"], value_dtype=cfg["value_dtype"])
         return model, exchange, lambda step: exchange.stats()["bytes_sent"]
     # PowerSGD's nested allreduces mismatch on gloo once DDP has 2+ buckets (even on loopback): one bucket for it
@@ -256,6 +295,18 @@ def _dist_exchange(model: nn.Module, opt, cfg: dict, P: int):
     return net, None, lambda step: dense * step
 
 
+@torch.no_grad()
+def _mean_local_model(model: nn.Module, residuals: dict, P: int) -> list[torch.Tensor]:
+    """Error reset: make ``model`` the mean of the ranks' local models for an evaluation (a collective; the
+    residuals stay); returns the consensus to put back."""
+    kept = [p.detach().clone() for p in model.parameters()]
+    for name, p in model.named_parameters():
+        total = residuals[name].clone() if name in residuals else torch.zeros(p.numel())
+        torch.distributed.all_reduce(total)
+        p.sub_((total / P).view(p.shape))
+    return kept
+
+
 def run_dist(cfg: dict) -> dict | None:
     """The same configuration on real processes (torchrun); returns the record on rank 0, None elsewhere.
 
@@ -270,7 +321,8 @@ def run_dist(cfg: dict) -> dict | None:
     model = build_model(cfg["model"], data.vocab_size, cfg["seed"])
     opt, sched = make_optimizer(model, cfg["method"].replace("-hook", ""), steps, cfg["warmup"])
     net, exchange, bytes_so_far = _dist_exchange(model, opt, cfg, P)
-    clip = cfg["method"] not in ("sparse-adamw", "sparse-adamw-hook")  # sparsedist.optim.AdamW clips itself
+    clip = not cfg["method"].startswith("sparse-adamw")  # sparsedist.optim.AdamW clips itself
+    reset = cfg["method"] == "sparse-adamw-reset"
     gen = torch.Generator().manual_seed(cfg["seed"] * 100 + rank)
     vgen = torch.Generator().manual_seed(1234)
     val_batches = [data.batch("val", BATCH, BLOCK, vgen) for _ in range(cfg["eval_batches"])]
@@ -289,7 +341,13 @@ def run_dist(cfg: dict) -> dict | None:
         sched.step()
         train += time.perf_counter() - t0
         if step % cfg["eval_every"] == 0 or step == steps:
+            if reset and step == steps:
+                opt.consolidate()  # the end of training: every rank gets the mean local model
+            kept = _mean_local_model(model, exchange.residuals, P) if reset else []
             history.append([step, round(val_loss(model, val_batches), 4), bytes_so_far(step)])
+            with torch.no_grad():
+                for p, k in zip(model.parameters(), kept):
+                    p.copy_(k)
             times.append(round(train, 2))
             if history[-1][1] <= cfg.get("target", -math.inf):
                 break
@@ -308,7 +366,8 @@ DDP_STEPS = 300
 # (char-GPT only, one seed) longer runs to see how many steps the sparse exchange needs to reach DDP's loss
 FIGURE_RUNS = [("ddp", 1.0, 1.0, (0, 1, 2)), ("topk-grad", 0.01, 1.0, (0, 1, 2)),
                ("sparse-adamw", 0.01, 1.0, (0, 1, 2)), ("sparse-adamw", 0.01, 1.2, (0, 1, 2)),
-               ("sparse-adamw", 0.001, 1.5, (0, 1, 2))]
+               ("sparse-adamw", 0.001, 1.5, (0, 1, 2)), ("sparse-adamw-reset", 0.001, 1.0, (0, 1, 2)),
+               ("sparse-adamw-reset", 0.01, 1.0, (0, 1, 2))]
 LONGER_RUNS = {"chargpt": [("sparse-adamw", 0.01, 1.5, (0,)), ("sparse-adamw", 0.01, 2.0, (0,)),
                            ("sparse-adamw", 0.001, 2.0, (0,))]}
 # PyTorch's own compression hooks at DDP's steps, on real processes over loopback (--mode dist)

@@ -11,6 +11,7 @@ betas (0.9, 0.99), weight decay 0.1 on matrices, gradient clipping at 1.0 per wo
     python benchmarks/adam_variants.py sharedm --vmode oracle_avg --select-precond 1
     python benchmarks/adam_variants.py local_ef --vcorr 1 --beta1 0.5         # what sparsedist.optim.AdamW does
     python benchmarks/adam_variants.py local_ef21                             # EF21 tracking of the update
+    python benchmarks/adam_variants.py local_ef --vcorr 1 --beta1 0.5 --local-model 1 --density 0.001  # error reset
 
 Bytes are the values and int32 indices one rank sends (``(P-1) * k * (4 + value bytes)`` per tensor and step for
 the allgather, ``2 (P-1)/P * n * 4`` for a dense ring allreduce), without headers; ``--value-bytes 2`` counts
@@ -106,6 +107,8 @@ class LocalAdam(Base):
                     continue
                 if self.compress == "ef":
                     acc = q + self.e[r][i] - (a.predict * self.S[i] if a.predict else 0)
+                    if a.pure_reset:  # CSER's error reset proper: nothing fed back, the rest stays local
+                        acc = q
                     if a.score == "gscale":
                         score = acc * (self.v[r][i] / (1 - self.b2 ** self.t)).sqrt()
                     else:
@@ -121,7 +124,10 @@ class LocalAdam(Base):
                         idx = shared_idx if shared_idx is not None else topk_idx(score, k)
                     sent = torch.zeros_like(acc)
                     sent[idx] = acc[idx]
-                    self.e[r][i] = (acc - sent) * a.ef_decay
+                    if a.pure_reset:
+                        self.e[r][i] += acc - sent
+                    else:
+                        self.e[r][i] = (acc - sent) * a.ef_decay
                     out[i] += sent / self.P
                 else:  # ef21: c = C(q - G_r); G_r += c
                     diff = q - self.e[r][i]
@@ -301,6 +307,9 @@ OPTIONS = {
     "--ef-decay": (float, 1.0, "local_ef: multiply the residual by this every step"),
     "--granularity": (str, "layer", "local_ef: top-k per tensor (layer) or over all tensors (global)"),
     "--vevery": (int, 1, "sharedm factored: exchange the factored second moment every this many steps"),
+    "--local-model": (int, 0, "local_ef: each worker's gradient at its local model x - e_r (error reset)"),
+    "--sync-every": (int, 0, "local_ef: every this many steps average the residuals into x densely (a sync)"),
+    "--pure-reset": (int, 0, "local_ef: no error feedback; what is not sent stays in e_r until a sync (CSER)"),
     "--eval-every": (int, 100, "steps between validation losses"),
     "--tag": (str, "", "a label for the record"),
     "--out": (str, None, "append the JSON record to this file"),
@@ -325,12 +334,26 @@ def main():
     total_bytes, hist, t0 = 0.0, [], time.time()
     for step in range(1, a.steps + 1):
         gw = []
+        local = a.local_model and isinstance(opt, LocalAdam) and step > a.warmup
         for r in range(a.P):
             x, y = data.batch("train", a.batch, 64, gens[r])
+            kept = [p.detach().clone() for p in params] if local else []
+            with torch.no_grad():
+                for i, p in enumerate(params[:len(kept)]):
+                    p.sub_(opt.e[r][i].view_as(p))
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             gw.append([g.flatten() for g in torch.autograd.grad(loss, params)])
+            with torch.no_grad():
+                for p, k in zip(params, kept):
+                    p.copy_(k)
         with torch.no_grad():
             total_bytes += opt.step(gw, lr_at(step, a.steps, a.lr))
+            if a.sync_every and step % a.sync_every == 0 and isinstance(opt, LocalAdam):
+                for i, p in enumerate(params):
+                    p.sub_((sum(opt.e[r][i] for r in range(a.P)) / a.P).view_as(p))
+                    for r in range(a.P):
+                        opt.e[r][i].zero_()
+                total_bytes += sum(ring(n, a.P) for n in opt.n)
         if step % a.eval_every == 0 or step == a.steps:
             vl = val_loss(model, data, vb)
             hist.append((step, round(vl, 4), total_bytes))

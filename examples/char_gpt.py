@@ -56,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsedist
 import sparsedist.dist
+import sparsedist.optim
 import sparsedist.nn as snn
 from sparsedist.collectives.backend import ring_allreduce_bytes
 from sparsedist.datasets import tinyshakespeare
@@ -312,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--sparse-adamw", action="store_true",
+                   help="sparsedist.optim.AdamW: the hook sends each rank's AdamW update (docs/adam_exchange.md)")
+    p.add_argument("--error-reset", action="store_true",
+                   help="with --sparse-adamw: gradients at each rank's local model; the mean local model is "
+                        "consolidated before every evaluation (sparsedist.optim.error_reset)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="cosine: linear warm-up over the first 5%% of the steps, then cosine decay to 10%% of --lr")
     p.add_argument("--eval-every", type=int, default=50)
@@ -369,6 +375,10 @@ def resolve_exchange(args: argparse.Namespace) -> tuple[str, dict]:
     """The hook's compressor name (or 'ddp' for no hook) and its options, from the command line."""
     if args.collective and (args.compressor in ("ddp", "fp16") or (args.fully_sparse and args.grad_compressor == "none")):
         raise ValueError("--collective applies to sparsedist's hooks; this run has no sparse exchange")
+    if args.error_reset and not args.sparse_adamw:
+        raise ValueError("--error-reset is an option of --sparse-adamw")
+    if args.sparse_adamw and (args.fully_sparse or args.compressor in ("ddp", "fp16", "dgc", "variance")):
+        raise ValueError("--sparse-adamw runs with the topk, randk or threshold hook, without --fully-sparse")
     if args.fully_sparse:
         if args.compressor not in (None, "ddp"):
             raise ValueError(f"--fully-sparse sets the gradient exchange itself (mask-aware, on the active weights): "
@@ -405,6 +415,10 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if exchange == "dgc":  # DGC applies momentum itself: plain SGD underneath
         optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr * args.dgc_lr_factor)
+    elif args.sparse_adamw:  # it clips the local gradients itself (max_grad_norm)
+        optimizer = sparsedist.optim.AdamW(model.named_parameters(), lr=args.lr, weight_decay=0.0,
+                                           max_grad_norm=args.clip_norm or None, error_reset=args.error_reset)
+        opts["optimizer"] = optimizer
     else:
         optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr, weight_decay=0.0)
     rigl = None
@@ -443,6 +457,8 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         x, y = data.batch("train", args.batch_size, args.block, gen)
+        for group, base in zip(optimizer.param_groups, base_lrs):  # before backward: sparse-adamw's wire reads it
+            group["lr"] = base * lr_factor(step, args.steps, args.lr_schedule)
         # RigL's mask-update steps grow by the dense gradient: error sparsity off for that forward and backward
         dense_grad = rigl is not None and rigl.needs_dense_gradient()
         dense_steps += dense_grad
@@ -451,8 +467,6 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
             loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * lr_factor(step, args.steps, args.lr_schedule)
         optimizer.step()
         if rigl is not None:
             rigl.step()
@@ -460,6 +474,8 @@ def train(args: argparse.Namespace) -> tuple[dict, CharGPT, RigL | None]:
         tb.log(step, loss=train_losses[-1])
         smooth = train_losses[-1] if math.isnan(smooth) else 0.9 * smooth + 0.1 * train_losses[-1]
         if step % args.eval_every == 0 or step == args.steps:
+            if args.error_reset:  # the mean of the ranks' local models becomes every rank's (one dense allreduce)
+                optimizer.consolidate()
             t_eval = time.perf_counter()
             val = estimate_val_loss(model, data, args.eval_batches, args.batch_size, args.block, device)
             # train_seconds: wall-clock of training alone (evaluations excluded), for time-to-loss comparisons

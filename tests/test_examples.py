@@ -99,3 +99,19 @@ def test_char_gpt_fsdp_sparse_smoke(tmp_path):
     assert s["world_size"] == 2 and s["steps"] == 6
     assert 0 < s["exchange"]["bytes_sent"] < s["exchange"]["bytes_dense"]
     assert 0.85 < s["weight_sparsity"] < 0.95
+
+
+def test_char_gpt_sparse_adamw_with_error_reset(tmp_path):
+    """--sparse-adamw --error-reset: sparsedist.optim.AdamW through the top-k hook, the local models consolidated
+    before each evaluation; --error-reset alone is refused."""
+    out = tmp_path / "summary.json"
+    _torchrun("char_gpt.py", "--sparse-adamw", "--error-reset", "--density", "0.01", "--steps", "12", "--eval-every",
+              "6", "--eval-batches", "2", "--width", "32", "--layers", "1", "--lr-schedule", "cosine", "--quiet",
+              "--json", str(out))
+    s = json.loads(out.read_text())
+    assert [h["step"] for h in s["history"]] == [6, 12]
+    assert s["history"][-1]["val_loss"] < s["history"][0]["val_loss"] < 4.5
+    assert s["compression_ratio"] > 2  # one dense warm-up step of twelve, the rest 1 %
+    bad = subprocess.run([sys.executable, str(ROOT / "examples" / "char_gpt.py"), "--error-reset"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--error-reset is an option of --sparse-adamw" in bad.stderr

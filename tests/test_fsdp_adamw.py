@@ -195,6 +195,8 @@ def check_errors(rank, world):
         register_fsdp(m, "topk", optimizer=AdamW(list(m.parameters())[:2], warmup_steps=0))
     with pytest.raises(ValueError, match="DGC"):
         register_fsdp(m, "dgc", optimizer=opt)
+    with pytest.raises(ValueError, match="error_reset=True is not supported under FSDP2"):
+        register_fsdp(m, "topk", optimizer=AdamW(m.parameters(), warmup_steps=0, error_reset=True))
 
 
 class _Masks:

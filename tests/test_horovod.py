@@ -327,3 +327,11 @@ def test_errors_single_process_and_import_guard():
                           timeout=120)
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stdout + proc.stderr
     assert proc.stdout.count("ok ") == 19, proc.stdout
+
+
+def test_error_reset_is_refused_by_name():
+    """sparsedist.optim's error reset binds to the DDP hook and ReferenceExchange only (before Horovod starts)."""
+    import sparsedist.horovod as shvd
+    import sparsedist.optim as so
+    with pytest.raises(ValueError, match="does not support error_reset=True"):
+        shvd.DistributedOptimizer(so.AdamW(torch.nn.Linear(2, 2).parameters(), error_reset=True))

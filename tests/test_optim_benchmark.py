@@ -41,6 +41,23 @@ def test_simulation_is_what_real_processes_compute():
     assert sim["history"][-1][2] < sim["bytes_dense"] / 2  # mostly sparse
 
 
+def _dist_reset(rank: int, world: int, cfg: dict):
+    return adam_exchange.run_dist({**cfg, "mode": "dist"})
+
+
+def test_simulated_error_reset_is_what_real_processes_compute():
+    """Error reset: the simulation's local models, its evaluation of their mean and its final consolidation
+    (counted as one dense allreduce) against ReferenceExchange and optimizer.consolidate() on 2 processes."""
+    cfg = {**_config("sparse-adamw-reset", "float32"), "steps": 5}
+    sim = adam_exchange.run_sim(cfg)
+    real = run_distributed(_dist_reset, 2, args=(cfg,), timeout=180)[0]
+    assert sim["history"] == real["history"]
+    plain = adam_exchange.run_sim({**cfg, "method": "sparse-adamw"})
+    assert plain["history"][-1][1] != sim["history"][-1][1]  # the local models changed the result
+    per_step = sim["bytes_dense"] // 5
+    assert sim["history"][-1][2] - sim["history"][-2][2] > per_step  # the last evaluation includes the consolidation
+
+
 def _stopping(rank: int, world: int, cfg: dict):
     return [adam_exchange.run_dist({**cfg, "method": m, "mode": "dist"}) for m in ("ddp", "fp16", "powersgd-r2")]
 

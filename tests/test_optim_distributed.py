@@ -25,13 +25,14 @@ def _batch(rank: int, step: int):
     return torch.randint(0, 11, (12, 4), generator=g), torch.randint(0, 11, (12,), generator=g)
 
 
-def _optimizer(m: nn.Module, kind: str, warmup: int):
+def _optimizer(m: nn.Module, kind: str, warmup: int, error_reset: bool = False):
     if kind == "adamw":
         decay = [p for p in m.parameters() if p.dim() >= 2]
         rest = [p for p in m.parameters() if p.dim() < 2]
         return so.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.99),
-                        weight_decay=0.1, warmup_steps=warmup, max_grad_norm=1.0)
-    return so.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, warmup_steps=warmup)
+                        weight_decay=0.1, warmup_steps=warmup, max_grad_norm=1.0, error_reset=error_reset)
+    return so.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, warmup_steps=warmup,
+                  error_reset=error_reset)
 
 
 def _steps(m, opt, exchange, rank, start, stop, record=None):
@@ -45,11 +46,11 @@ def _steps(m, opt, exchange, rank, start, stop, record=None):
         opt.step()
 
 
-def _train(rank, world, kind, density, value_dtype):
+def _train(rank, world, kind, density, value_dtype, error_reset=False):
     """Returns the final parameters, and checks on every step that they agree across ranks and that the
     averaged updates plus the residuals account for every rank's wire."""
     m = _model()
-    opt = _optimizer(m, kind, warmup=2)
+    opt = _optimizer(m, kind, warmup=2, error_reset=error_reset)
     exchange = so.ReferenceExchange(m, opt, density=density, value_dtype=value_dtype)
     names = [n for n, _ in m.named_parameters()]
     wires = {n: torch.zeros(p.numel()) for n, p in m.named_parameters()}
@@ -86,10 +87,11 @@ def _train(rank, world, kind, density, value_dtype):
             "residual_norm": s["residual_norm"]}
 
 
-@pytest.mark.parametrize("world,kind,density,value_dtype", [(2, "adamw", 0.05, None), (3, "adamw", 0.02, "float16"),
-                                                            (2, "sgd", 0.05, "bfloat16")])
-def test_ranks_agree_and_the_wire_is_conserved(world, kind, density, value_dtype):
-    out = run_distributed(_train, world, args=(kind, density, value_dtype), timeout=120)
+@pytest.mark.parametrize("world,kind,density,value_dtype,error_reset", [
+    (2, "adamw", 0.05, None, False), (3, "adamw", 0.02, "float16", False), (2, "sgd", 0.05, "bfloat16", False),
+    (3, "adamw", 0.05, "float16", True), (2, "sgd", 0.05, None, True)])
+def test_ranks_agree_and_the_wire_is_conserved(world, kind, density, value_dtype, error_reset):
+    out = run_distributed(_train, world, args=(kind, density, value_dtype, error_reset), timeout=120)
     s = out[0]["stats"]
     assert s["steps"] == 8 and s["dense_steps"] == 2 and s["overflow_steps"] == 0
     assert s["optimizer"]["warmup_over"] and s["optimizer"]["sparse_steps"] == 6
@@ -132,12 +134,12 @@ def test_overflow_on_one_rank_skips_the_step_everywhere():
     assert torch.equal(out[0]["params"], out[1]["params"])
 
 
-def _resume(rank, world, directory):
+def _resume(rank, world, directory, error_reset):
     """10 steps straight, against 5 steps, a checkpoint, fresh objects, load, 5 more steps."""
     results = []
     for split in (None, 5):
         m = _model()
-        opt = _optimizer(m, "adamw", warmup=3)
+        opt = _optimizer(m, "adamw", warmup=3, error_reset=error_reset)
         exchange = so.ReferenceExchange(m, opt, density=0.05)
         if split is None:
             _steps(m, opt, exchange, rank, 0, 10)
@@ -147,7 +149,7 @@ def _resume(rank, world, directory):
             m = _model()
             for p in m.parameters():
                 p.data.add_(1.0)  # spoil it: the checkpoint must restore everything
-            opt = _optimizer(m, "adamw", warmup=0)
+            opt = _optimizer(m, "adamw", warmup=0, error_reset=error_reset)
             exchange = so.ReferenceExchange(m, opt, density=0.05)
             sparsedist.checkpoint.load(f"{directory}/step5", model=m, optimizer=opt, state=exchange)
             assert opt.warmup_steps == 3 and opt.stats()["steps"] == split
@@ -158,9 +160,11 @@ def _resume(rank, world, directory):
     return torch.equal(a, b) and sent_a == sent_b and all(torch.equal(res_a[n], res_b[n]) for n in res_a)
 
 
-def test_resume_from_a_checkpoint_is_bit_identical():
+@pytest.mark.parametrize("error_reset", [False, True])
+def test_resume_from_a_checkpoint_is_bit_identical(error_reset):
+    """With error reset the checkpoint holds the consensus and each rank's residual: the local models follow."""
     with tempfile.TemporaryDirectory() as d:
-        assert run_distributed(_resume, 2, args=(d,), timeout=120) == [True, True]
+        assert run_distributed(_resume, 2, args=(d, error_reset), timeout=120) == [True, True]
 
 
 def _save_two(rank, world, directory):

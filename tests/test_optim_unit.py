@@ -67,7 +67,8 @@ def test_adamw_dense_phase_is_torch_adamw_bit_for_bit():
     train(b, ref, 25, cosine(ref))
     assert same(a, b)
     assert ours.stats() == {"warmup_steps": ALWAYS_DENSE, "warmup_over": False, "steps": 25, "dense_steps": 25,
-                            "sparse_steps": 0, "lr_changed_after_backward": 0}
+                            "sparse_steps": 0, "lr_changed_after_backward": 0, "error_reset": False,
+                            "sync_every": None, "consolidations": 0}
 
 
 def test_adamw_sparse_phase_at_density_one_is_adamw():

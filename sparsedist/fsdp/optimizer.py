@@ -56,6 +56,10 @@ def check_optimizer(state, modules_world: list[int], replicate_group: Any) -> No
         raise ValueError(f"register_fsdp: under FSDP2 the exchange-aware optimizer must be sparsedist.optim.AdamW, "
                          f"got {type(opt).__name__} (SGD's L2 weight decay would mix this rank's full gradient with "
                          f"its shard of the weights); use a torch optimizer for plain gradient exchange")
+    if opt.error_reset:
+        raise ValueError("register_fsdp: error_reset=True is not supported under FSDP2 (the local model would be "
+                         "the sharded consensus minus a full-size residual); build sparsedist.optim.AdamW with "
+                         "error_reset=False")
     if opts.masks is not None:
         raise ValueError("register_fsdp: masks= together with sparsedist.optim.AdamW is not supported under FSDP2 "
                          "(its per-rank moments are full size; model sparsity wants them packed): use "

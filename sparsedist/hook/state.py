@@ -127,6 +127,24 @@ class SparsifyState:
             self._optimizer_hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: check_optimizer(opt))
         if comp is not None and comp.needs_second_moment:
             self._collect_second_moments(module)
+        if getattr(optimizer, "error_reset", False):
+            self._bind_local_models(module, optimizer)
+
+    def _bind_local_models(self, module: torch.nn.Module | None, optimizer: Any) -> None:
+        """Error reset (:mod:`sparsedist.optim.error_reset`): the optimizer localises the model's parameters by
+        this state's residuals (keyed by parameter name) before each training forward pass."""
+        opts = self.options
+        why = ("the model itself is needed (register on the DDP model)" if module is None
+               else "error feedback is off (the local model is the consensus minus the residual)"
+               if not self.feedback.enabled
+               else "granularity='bucket' keys residuals by bucket" if opts.granularity != "layer"
+               else "masks keep residuals on the active weights only" if opts.masks is not None else None)
+        if why is not None:
+            raise ValueError(f"optimizer={type(optimizer).__name__}(error_reset=True) cannot run here: {why}; use "
+                             f"error_reset=False, or topk/randk/threshold with error feedback, per-layer selection "
+                             f"and no masks")
+        optimizer.attach_exchange(list(module.named_parameters()), lambda: self.feedback.residuals,
+                                  lambda: self.backend, module)
 
     def _collect_second_moments(self, module: torch.nn.Module | None) -> None:
         name = self.compressor.name

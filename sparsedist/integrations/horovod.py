@@ -109,6 +109,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if (isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int)
                 or backward_passes_per_step < 1):
             raise ValueError(f"backward_passes_per_step must be an int >= 1, got {backward_passes_per_step!r}")
+        if getattr(optimizer, "error_reset", False):
+            raise ValueError("sparsedist.horovod.DistributedOptimizer does not support error_reset=True (the local "
+                             "models of sparsedist.optim.error_reset are bound by the DDP hook and ReferenceExchange "
+                             "only); build the optimizer with error_reset=False")
         check_initialized()
         comp, exchange = split_options(compressor, options, refused=_HOROVOD_ONLY,
                                        caller="sparsedist.horovod.DistributedOptimizer")

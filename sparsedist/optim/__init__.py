@@ -23,6 +23,16 @@ plain optimizer on densely averaged gradients first.
    ``p <- p - p.grad`` (AdamW also decays ``p`` by ``lr * weight_decay`` itself) and each rank's state advances
    with its own gradient. A sparse step whose parameter has a gradient but no ``to_wire`` call raises.
 
+**Error reset** (``error_reset=True``, :mod:`.error_reset`; Xie et al. 2020's "bifurcated local models"):
+each rank computes its gradient at its *local model*, the consensus parameters minus its own error-feedback
+residual, so it sees its pending update at once instead of hundreds of steps later at 0.1 % density. An exchange
+that keeps residuals by parameter name binds them with ``optimizer.attach_exchange(named, residuals, backend,
+module)`` (the DDP hook and :class:`ReferenceExchange` do; FSDP2 and Horovod refuse the option): the optimizer then
+localises the parameters in a forward pre-hook of ``module`` (training passes only, once per step) and puts the
+consensus back, exactly, in ``step()``, so between steps every rank holds the same parameters.
+``optimizer.consolidate()`` (a collective; ``sync_every=N`` calls it every N sparse steps) makes the mean of the
+local models every rank's parameters: call it before evaluating or saving a model, and at the end of training.
+
 **FSDP2.** ``sparsedist.fsdp.register_fsdp(model, "topk", optimizer=opt)`` applies the same contract inside
 FSDP2's reduce-scatter (AdamW only; :mod:`sparsedist.fsdp.optimizer`): ``to_wire`` gets the sharded parameter
 and this rank's unsharded gradient, the warm-up runs on the shards with sharded state, and the ``step()`` that
@@ -38,7 +48,7 @@ the wire back, so ``scaler.step(optimizer)`` unscales ``p.grad``, skips a step w
 whose gradient overflowed sends NaN, so every rank skips) and the optimizer state stays untouched.
 
 **Telemetry.** ``optimizer.stats()``: ``warmup_steps``, ``warmup_over``, ``steps``, ``dense_steps``,
-``sparse_steps``, ``lr_changed_after_backward``.
+``sparse_steps``, ``lr_changed_after_backward``, ``error_reset``, ``sync_every``, ``consolidations``.
 
 **Packed optimizer state.** :mod:`.packed` (``PackedAdamW``, ``PackedAdam``, ``PackedSGD``) keeps the state of
 masked parameters on their active weights only, so optimizer memory shrinks with model density (docs/fsdp.md).

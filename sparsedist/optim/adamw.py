@@ -69,15 +69,16 @@ class AdamW(ExchangeOptimizer):
             (see above); ``betas[0]`` on top of it overshoots.
         noise_correction: estimate the second moment of the P-rank mean gradient (see above; default True).
         world_size: P for the noise correction (default: torch.distributed's world size, 1 without one).
-        max_grad_norm, grad_scaler: see :class:`~sparsedist.optim.base.ExchangeOptimizer`.
+        max_grad_norm, grad_scaler, error_reset, sync_every: see
+            :class:`~sparsedist.optim.base.ExchangeOptimizer` (error reset: :mod:`sparsedist.optim.error_reset`).
 
     ``amsgrad``, ``maximize``, ``foreach``, ``fused``, ``capturable`` and ``differentiable`` are not supported.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, warmup_steps: int = 1, sparse_beta1: float | None = 0.5,
-                 noise_correction: bool = True,
-                 world_size: int | None = None, max_grad_norm: float | None = None, grad_scaler: Any = None):
+                 noise_correction: bool = True, world_size: int | None = None, max_grad_norm: float | None = None,
+                 grad_scaler: Any = None, error_reset: bool = False, sync_every: int | None = None):
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"lr must be a number >= 0, got {lr!r}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -94,7 +95,7 @@ class AdamW(ExchangeOptimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
                     "sparse_beta1": sparse_beta1}
         super().__init__(params, defaults, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
-                         grad_scaler=grad_scaler)
+                         grad_scaler=grad_scaler, error_reset=error_reset, sync_every=sync_every)
         self.noise_correction = bool(noise_correction)
         self._world_size = world_size
 

@@ -24,6 +24,8 @@ try:  # FSDP2's sharded parameters; only needed when they are used
 except ImportError:  # pragma: no cover - old torch
     DTensor = None  # type: ignore[assignment,misc]
 
+from .error_reset import LocalModels
+
 __all__ = ["ExchangeOptimizer", "closure_loss", "is_sharded"]
 
 
@@ -55,10 +57,23 @@ class ExchangeOptimizer(torch.optim.Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` in use, if any: the local gradient is unscaled before it
             enters the optimizer state and the wire is rescaled, so ``scaler.step(optimizer)`` (which unscales
             ``p.grad`` and skips non-finite steps) works unchanged.
+        error_reset: compute each rank's gradient at its local model, the consensus minus its error-feedback
+            residual (:mod:`.error_reset`; default False). Needs an exchange that keeps residuals by parameter
+            name and binds them (:meth:`attach_exchange`): the DDP hook or :class:`~.reference.ReferenceExchange`.
+        sync_every: with ``error_reset``, :meth:`consolidate` after every ``sync_every``-th sparse step (one dense
+            allreduce of the residuals; None: only when called).
     """
 
     def __init__(self, params, defaults: dict[str, Any], *, warmup_steps: int = 0,
-                 max_grad_norm: float | None = None, grad_scaler: Any = None):
+                 max_grad_norm: float | None = None, grad_scaler: Any = None, error_reset: bool = False,
+                 sync_every: int | None = None):
+        if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int)
+                                       or sync_every < 1):
+            raise ValueError(f"sync_every must be an int >= 1 (sparse steps between consolidations) or None, got "
+                             f"{sync_every!r}")
+        if sync_every is not None and not error_reset:
+            raise ValueError("sync_every consolidates the local models of error_reset=True; without error reset "
+                             "every rank already holds the same parameters: drop sync_every or set error_reset=True")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0 (optimizer steps with a dense exchange), "
                              f"got {warmup_steps!r}")
@@ -78,7 +93,11 @@ class ExchangeOptimizer(torch.optim.Optimizer):
             for p, name in zip(group["params"], names):
                 self._owner[p] = (group, name)
         self._numel = sum(p.numel() for p in self._owner)
-        self._telemetry = {"dense_steps": 0, "sparse_steps": 0, "lr_changed_after_backward": 0}
+        self._telemetry = {"dense_steps": 0, "sparse_steps": 0, "lr_changed_after_backward": 0, "consolidations": 0}
+        self.error_reset = bool(error_reset)
+        self.sync_every = sync_every
+        self._local: LocalModels | None = None
+        self._local_hook = None
 
     # -- the contract -------------------------------------------------------------------------------------------
     def exchange_is_dense(self) -> bool:
@@ -110,21 +129,72 @@ class ExchangeOptimizer(torch.optim.Optimizer):
         if self.max_grad_norm is not None:  # a non-finite norm makes g non-finite: the step is then skipped
             limit = self.max_grad_norm * math.sqrt(param.numel() / self._numel)
             g.mul_(torch.clamp(limit / (torch.linalg.vector_norm(g) + 1e-6), max=1.0))
+        g = self._gradient_at(param, g, group)
         lr = float(group["lr"])
         self._pending[param] = (g, lr)
+        if self._local is not None:  # error reset: back to the consensus once this backward pass is over
+            self._local.restore_after_backward()
         wire = self._direction(param, g, self.state[param], group)
         return wire.mul_(lr * scale)
+
+    def attach_exchange(self, named: list[tuple[str, torch.Tensor]], residuals, backend,
+                        module: torch.nn.Module) -> None:
+        """Called by an exchange that keeps error-feedback residuals by parameter name (the DDP hook,
+        :class:`~.reference.ReferenceExchange`): with ``error_reset``, bind them and localise ``module``'s
+        parameters before each training forward pass (a forward pre-hook; nothing without ``error_reset``).
+
+        Args:
+            named: ``(name, parameter)`` pairs, the same order on every rank.
+            residuals: returns the exchange's current residual dictionary (name -> flat fp32 tensor).
+            backend: returns the exchange's :class:`~sparsedist.collectives.Backend` (for :meth:`consolidate`).
+            module: the module whose forward pass computes the gradients.
+        """
+        if not self.error_reset:
+            return
+        if self._local_hook is not None:
+            self._local_hook.remove()
+        self._local = LocalModels(named, residuals, backend)
+        self._local_hook = module.register_forward_pre_hook(lambda mod, args: self._localize())
+
+    def _localize(self) -> None:
+        if torch.is_grad_enabled() and not self.exchange_is_dense():  # training forward passes only
+            self._local.localize()
+
+    def restore_consensus(self) -> None:
+        """With ``error_reset``: put the consensus back into the parameters if they hold the local model (an exchange
+        that runs after backward calls it once it has called :meth:`to_wire` for every parameter; inside DDP's
+        backward pass this happens by itself at its end, and :meth:`step` does it too)."""
+        if self._local is not None:
+            self._local.restore()
+
+    def consolidate(self) -> None:
+        """With ``error_reset``: make the mean of the ranks' local models the parameters of every rank (one dense
+        allreduce of the residuals, which become zero). A collective: call it on every rank between steps, before
+        evaluating or saving the model (the parameters between steps are the consensus, which lacks every rank's
+        pending update). Without ``error_reset`` it does nothing."""
+        if not self.error_reset:
+            return
+        if self._local is None:
+            raise RuntimeError(f"{type(self).__name__}(error_reset=True) has no exchange bound: register the "
+                               f"sparsedist DDP hook with optimizer=this optimizer, or use a ReferenceExchange")
+        self._local.consolidate()
+        self._telemetry["consolidations"] += 1
 
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step on ``p.grad`` as the exchange left it (see :mod:`sparsedist.optim`)."""
         loss = closure_loss(closure)
         dense = self.exchange_is_dense()
+        if self.error_reset and not dense and self._local is None:
+            raise RuntimeError(f"{type(self).__name__}(error_reset=True): no exchange bound its residuals; error "
+                               f"reset runs with the sparsedist DDP hook (register(..., optimizer=opt)) or a "
+                               f"ReferenceExchange, not under FSDP2 or Horovod")
         lr_changed = False
         if dense and self.max_grad_norm is not None:
             with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             if with_grad:
                 torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm)
+        committed = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -145,11 +215,17 @@ class ExchangeOptimizer(torch.optim.Optimizer):
                 g, lr = self._pending.pop(p)
                 lr_changed = lr_changed or lr != group["lr"]
                 self._commit(p, g, state, group)
-                self._apply(p, p.grad, group)
+                committed.append((p, group))
+        self.restore_consensus()  # the averaged update applies to the consensus
+        for p, group in committed:
+            self._apply(p, p.grad, group)
         self._pending.clear()
         self._steps += 1
         if dense and not self.exchange_is_dense():
             self._unshard_state()
+        sparse_done = self._steps - self.warmup_steps
+        if not dense and self.sync_every and sparse_done % self.sync_every == 0:
+            self.consolidate()
         self._telemetry["dense_steps" if dense else "sparse_steps"] += 1
         self._telemetry["lr_changed_after_backward"] += lr_changed
         return loss
@@ -168,15 +244,21 @@ class ExchangeOptimizer(torch.optim.Optimizer):
         """``warmup_steps`` (the dense warm-up length), ``warmup_over`` (the sparse phase has begun),
         ``steps`` (completed optimizer steps), ``dense_steps``/``sparse_steps`` (of those, by phase, since
         construction or the last load), ``lr_changed_after_backward`` (sparse steps whose learning rate was set
-        between backward and step(): their wire used the previous value)."""
+        between backward and step(): their wire used the previous value), ``error_reset``, ``sync_every`` and
+        ``consolidations`` (of the local models, since construction or the last load)."""
         return {"warmup_steps": self.warmup_steps, "warmup_over": not self.exchange_is_dense(), "steps": self._steps,
-                **self._telemetry}
+                "error_reset": self.error_reset, "sync_every": self.sync_every, **self._telemetry}
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state (this rank's moments, which differ per rank in the sparse phase) plus the step
-        count and warm-up length. Save one per rank (``sparsedist.checkpoint`` does)."""
+        count, warm-up length and error reset. Save one per rank (``sparsedist.checkpoint`` does), after
+        ``step()``: with ``error_reset`` the parameters hold a local model between the forward pass and ``step()``."""
+        if self._local is not None and self._local.localized:
+            raise RuntimeError(f"{type(self).__name__}.state_dict() between the forward pass and step(): with "
+                               f"error_reset the parameters now hold this rank's local model, not the consensus; "
+                               f"save after step()")
         sd = super().state_dict()
-        sd["exchange"] = {"steps": self._steps, "warmup_steps": self.warmup_steps}
+        sd["exchange"] = {"steps": self._steps, "warmup_steps": self.warmup_steps, "error_reset": self.error_reset}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -186,6 +268,11 @@ class ExchangeOptimizer(torch.optim.Optimizer):
                              f"a copy with state_dict['exchange'] = {{'steps': N, 'warmup_steps': W}})")
         state_dict = dict(state_dict)
         extra = state_dict.pop("exchange")
+        if bool(extra.get("error_reset", False)) != self.error_reset:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the checkpoint was trained with error_reset="
+                             f"{bool(extra.get('error_reset', False))} and this optimizer has error_reset="
+                             f"{self.error_reset}; build the optimizer with the checkpoint's setting (the residuals "
+                             f"mean something different with and without it)")
         super().load_state_dict(state_dict)
         self._steps = int(extra["steps"])
         self.warmup_steps = int(extra["warmup_steps"])
@@ -219,6 +306,12 @@ class ExchangeOptimizer(torch.optim.Optimizer):
         if self.grad_scaler is None or not self.grad_scaler.is_enabled():
             return 1.0
         return float(self.grad_scaler.get_scale())
+
+    def _gradient_at(self, p, grad, group) -> torch.Tensor:
+        """What the rule takes from ``p`` itself, added to this rank's gradient (a copy, changed in place) while
+        ``p`` holds the point the gradient was taken at (under error reset the local model, which ``step()`` no
+        longer sees). Nothing by default; SGD adds its L2 term."""
+        return grad
 
     def _dense_update(self, p, grad, state, group) -> None:
         raise NotImplementedError

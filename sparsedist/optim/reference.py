@@ -97,6 +97,13 @@ class ReferenceExchange:
             raise ValueError(f"density must be a number in (0, 1], got {density!r}")
         if value_dtype not in _DTYPES:
             raise ValueError(f"value_dtype must be one of {sorted(k for k in _DTYPES if k)}, got {value_dtype!r}")
+        if optimizer.error_reset and not error_feedback:
+            raise ValueError("error_reset=True computes gradients at the consensus minus the error-feedback "
+                             "residual: it needs error_feedback=True")
+        if optimizer.error_reset and optimizer.grad_scaler is not None:
+            raise ValueError("ReferenceExchange keeps residuals in loss-scaled units, which error_reset would "
+                             "subtract from the parameters: with a GradScaler use the DDP hook (it keeps them "
+                             "unscaled), or error_reset=False")
         owned = {p for g in optimizer.param_groups for p in g["params"]}
         self.named = [(n, p) for n, p in model.named_parameters() if p in owned]
         missing = len(owned) - len(self.named)
@@ -110,6 +117,8 @@ class ReferenceExchange:
         self.backend = TorchBackend(group)
         self.residuals: dict[str, torch.Tensor] = {}
         self._telemetry = {"steps": 0, "dense_steps": 0, "overflow_steps": 0, "bytes_dense": 0}
+        if optimizer.error_reset:
+            optimizer.attach_exchange(self.named, lambda: self.residuals, lambda: self.backend, model)
 
     def k(self, numel: int) -> int:
         """Entries sent for a parameter of ``numel`` elements: ``ceil(density * numel)``."""
@@ -138,6 +147,7 @@ class ReferenceExchange:
             finite = finite and all_finite(total)  # the same on every rank: the sum is identical everywhere
             p.grad.copy_((total.to(torch.float32) / size).view_as(p.grad))
             pending.append((name, idx, values, acc))
+        self.optimizer.restore_consensus()  # error reset: every gradient was taken at the local model
         if not finite:
             self._telemetry["overflow_steps"] += 1
             return

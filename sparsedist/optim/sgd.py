@@ -33,14 +33,16 @@ class SGD(ExchangeOptimizer):
         params: parameters, named parameters or parameter groups.
         lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
         warmup_steps: optimizer steps with a dense exchange first (default 0).
-        max_grad_norm, grad_scaler: see :class:`~sparsedist.optim.base.ExchangeOptimizer`.
+        max_grad_norm, grad_scaler, error_reset, sync_every: see
+            :class:`~sparsedist.optim.base.ExchangeOptimizer` (error reset: :mod:`sparsedist.optim.error_reset`).
 
     ``maximize``, ``foreach``, ``fused`` and ``differentiable`` are not supported.
     """
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, warmup_steps: int = 0,
-                 max_grad_norm: float | None = None, grad_scaler: Any = None):
+                 max_grad_norm: float | None = None, grad_scaler: Any = None, error_reset: bool = False,
+                 sync_every: int | None = None):
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"lr must be a number >= 0, got {lr!r}")
         if not momentum >= 0.0:
@@ -52,12 +54,13 @@ class SGD(ExchangeOptimizer):
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
                     "nesterov": nesterov}
         super().__init__(params, defaults, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
-                         grad_scaler=grad_scaler)
+                         grad_scaler=grad_scaler, error_reset=error_reset, sync_every=sync_every)
 
     @staticmethod
-    def _rule(p, grad, state, group, commit: bool) -> torch.Tensor:
-        """torch.optim.SGD's single-tensor rule; the momentum buffer changes only if ``commit``."""
-        d_p = grad if group["weight_decay"] == 0 else grad.add(p, alpha=group["weight_decay"])
+    def _rule(p, grad, state, group, commit: bool, decay: bool = True) -> torch.Tensor:
+        """torch.optim.SGD's single-tensor rule; the momentum buffer changes only if ``commit``; ``decay=False``:
+        ``grad`` already holds the L2 term."""
+        d_p = grad if group["weight_decay"] == 0 or not decay else grad.add(p, alpha=group["weight_decay"])
         momentum = group["momentum"]
         if momentum == 0:
             return d_p
@@ -73,13 +76,17 @@ class SGD(ExchangeOptimizer):
     def _dense_update(self, p, grad, state, group) -> None:
         p.add_(self._rule(p, grad, state, group, commit=True), alpha=-group["lr"])
 
+    def _gradient_at(self, p, grad, group) -> torch.Tensor:
+        # the L2 term at the point of the gradient (the local model under error reset), as torch.optim.SGD adds it
+        return grad if group["weight_decay"] == 0 else grad.add_(p, alpha=group["weight_decay"])
+
     def _direction(self, p, grad, state, group) -> torch.Tensor:
-        d = self._rule(p, grad, state, group, commit=False)
+        d = self._rule(p, grad, state, group, commit=False, decay=False)
         return d.clone() if d is grad else d
 
     def _commit(self, p, grad, state, group) -> None:
         if group["momentum"] != 0:
-            self._rule(p, grad, state, group, commit=True)
+            self._rule(p, grad, state, group, commit=True, decay=False)
 
     def _apply(self, p, update, group) -> None:
         p.sub_(update)
