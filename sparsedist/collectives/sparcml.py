@@ -174,21 +174,22 @@ class SSARRecursiveDouble(_SparCML):
         P, n = c.P, c.n
         p2 = 1 << (P.bit_length() - 1)
         f = 1 if p2 == P else 2
+        sheet.sort += c.k  # coalescing the unsorted input into a stream
         if p2 != P:
-            sheet.step(2, SIZE_BYTES + c.block(c.k, n), "sendrecv", 2)
+            sheet.step(2, SIZE_BYTES + c.block(c.k, n), "sendrecv", 2, parts=(SIZE_BYTES, c.block(c.k, n)))
             sheet.sparse += 2 * c.k
         r = 0
         while (1 << r) < p2:
             inputs = min(P, f << r)
             m = c.U(inputs)
-            sheet.step(2, SIZE_BYTES + c.block(m, n), "sendrecv", 2)
+            sheet.step(2, SIZE_BYTES + c.block(m, n), "sendrecv", 2, parts=(SIZE_BYTES, c.block(m, n)))
             if c.U(min(P, 2 * inputs)) > c.delta * n or m > c.delta * n:
                 sheet.dense += 2 * n
             else:
                 sheet.sparse += 2 * m
             r += 1
         if p2 != P:
-            sheet.step(2, SIZE_BYTES + c.block(c.U(P), n), "sendrecv", 2)
+            sheet.step(2, SIZE_BYTES + c.block(c.U(P), n), "sendrecv", 2, parts=(SIZE_BYTES, c.block(c.U(P), n)))
         sheet.dense += n
 
 
@@ -199,6 +200,7 @@ def split_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
     sheet.step(c.P - 1, (c.P - 1) * c.block(c.k / c.P, c.n / c.P), "alltoall")
     sheet.sparse += 2 * c.k
     sheet.dense += c.n / c.P + c.n
+    sheet.sort += c.k  # coalescing the unsorted input into a stream
 
 
 class _Split(_SparCML):
