@@ -23,7 +23,7 @@ Wangni's rand-k), SparCML's algorithms and the global top-k run synchronously in
 Not modelled: the extra steps error feedback may need to reach the same loss.
 
 ``--probe`` replaces the configured link by a measured model (:func:`probe_model`: ``alpha``/``beta``, each
-primitive's own seconds per call and per byte, local work at the bucket's size; a collective call under a
+primitive's seconds per call at several sizes, local work at the bucket's size; a collective call under a
 launcher); ``--measure`` times the same exchanges on the running process group, so the model can be checked
 against the cluster (docs/estimate.md).
 """

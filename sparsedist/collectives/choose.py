@@ -1,9 +1,10 @@
 """Alpha-beta cost model that picks the collective for one bucket.
 
 A message of ``m`` bytes costs ``alpha + m * beta`` (Hockney). Steps that run one after the other add up; the
-``P - 1`` messages of a ring or pairwise-exchange step count ``P - 1`` alphas. Two local-work terms can be
-added: ``gamma`` seconds per sparse entry a rank handles (sort/merge/scatter) and ``gamma_dense`` seconds per
-dense element it touches (zero-fill, add, copy) -- on a fast link these decide, on a slow one the network does.
+``P - 1`` messages of a ring or pairwise-exchange step count ``P - 1`` alphas. Local-work terms can be added:
+``gamma`` seconds per sparse entry a rank handles (sort/merge/scatter), ``gamma_dense`` seconds per dense element
+it touches (zero-fill, add, copy) and ``gamma_sort`` seconds per entry of the sort that coalesces SparCML's
+unsorted input into a stream -- on a fast link these decide, on a slow one the network does.
 
 Each algorithm's formula lives beside its code (``cost()`` of its :class:`~sparsedist.collectives.base.Collective`
 in :mod:`.allgather`, :mod:`.dense`, :mod:`.sparcml`, :mod:`.gtopk`); its byte counts follow the code exactly,
@@ -22,7 +23,9 @@ no overlap of communication and computation. Measured per-primitive costs (``cal
 probed :class:`CostModel`) replace ``alpha`` and ``beta`` where they were measured: a library's primitives need
 not reach the same share of the link (on gloo over TCP, an allgather or a concurrent send/recv in both
 directions took 1.3-1.8x the seconds per byte of a ring allreduce, docs/estimate.md), and that share is then
-priced from the measurement instead of from the full-duplex assumption. Every rank must call :func:`choose`
+priced from the measurement instead of from the full-duplex assumption. A measured curve per primitive
+(``call_curve``: seconds of one call at several sizes) goes further and prices each call at its own size, since
+on TCP the share a call reaches depends on its size. Every rank must call :func:`choose`
 with the same arguments (use a probed model averaged over ranks -- :func:`~sparsedist.collectives.probe` does
 that -- and per-rank counts agreed by a collective), otherwise ranks pick different algorithms and deadlock.
 """

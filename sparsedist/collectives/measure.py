@@ -121,7 +121,7 @@ def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float
 
     Without ``work_numel``: ``torch.unique`` and a scatter-add of 131072 entries, an add of ``2**20`` elements, the
     fastest of 3 (small kernels, mostly in cache). With it: the kernels of a sparse sum at that size, the median
-    of ``repeats`` -- what the allgather does per received entry: decode a payload of ``WORK_DENSITY *
+    of ``3 * repeats`` after two warm-up calls -- what the allgather does per received entry: decode a payload of ``WORK_DENSITY *
     work_numel`` distinct random positions (int32 index + fp32 value) and scatter-add it into a fresh zeroed
     vector of ``work_numel``; a zero-fill plus an add of ``work_numel`` elements (two dense passes); and the
     coalescing of the same number of unsorted positions into a sorted stream (what SparCML's algorithms do with
@@ -145,10 +145,10 @@ def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float
     idx, val = torch.randperm(n, generator=g)[:m].to(dev), torch.randn(m, generator=g).to(dev)
     payload = encode(idx, val, torch.float32)
     ones = torch.ones(n, device=dev)
-    sparse = _times(None, lambda: scatter_add(torch.zeros(n, device=dev), *decode(payload, torch.float32)),
-                    repeats + 1)[1:]
-    dense = _times(None, lambda: torch.zeros(n, device=dev).add_(ones), repeats + 1)[1:]
-    sort = _times(None, lambda: coalesce(idx, val), repeats + 1)[1:]
+    r = 3 * repeats + 2  # cheap kernels, noisy on a loaded host: many timings, the first two warm up
+    sparse = _times(None, lambda: scatter_add(torch.zeros(n, device=dev), *decode(payload, torch.float32)), r)[2:]
+    dense = _times(None, lambda: torch.zeros(n, device=dev).add_(ones), r)[2:]
+    sort = _times(None, lambda: coalesce(idx, val), r)[2:]
     return statistics.median(sparse) / m, statistics.median(dense) / (2 * n), statistics.median(sort) / m
 
 
@@ -172,7 +172,7 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
       instead of ``beta`` at this world size. gloo's allgather and its concurrent send/recv and all-to-all need
       not reach the link rate its ring allreduce reaches (docs/estimate.md).
     * ``work_numel``: ``gamma`` and ``gamma_dense`` timed on kernels of that size (a real bucket's length), the
-      median of ``repeats``, instead of the small kernels: the allgather's decode and scatter-add of received
+      median of ``3 * repeats``, instead of the small kernels: the allgather's decode and scatter-add of received
       entries into a vector of 16 MB misses the caches that the small kernels hit. Also ``gamma_sort``: the
       coalescing sort of as many unsorted positions, which SparCML's algorithms do with their input first (and
       which no other term prices; 0 without ``work_numel``).

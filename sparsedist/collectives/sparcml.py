@@ -164,7 +164,8 @@ class _SparCML(Collective):
 class SSARRecursiveDouble(_SparCML):
     """SSAR_Recursive_double. Cost: ``log2 P'`` rounds of ``2`` alphas and ``8 + block(U(c_r))`` bytes,
     ``c_r = min(P, f 2^r)`` inputs per stream (``f = 2`` when ``P`` is not a power of two: the fold-in doubles
-    the busiest streams); plus fold-in ``8 + block(k)`` and fold-out ``8 + block(U(P))`` when ``P != P'``."""
+    the busiest streams); plus fold-in ``8 + block(k)`` and fold-out ``8 + block(U(P))`` when ``P != P'``. Each
+    size message and payload is one call; coalescing the (unsorted) input sorts ``k`` entries."""
 
     name = "ssar_recursive_double"
     algorithm = staticmethod(ssar_recursive_double)
@@ -195,7 +196,7 @@ class SSARRecursiveDouble(_SparCML):
 
 def split_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
     """The reduce-scatter both split algorithms (and the global top-k) start with: sizes, then ``block(k/P)``
-    per range (``2(P-1)`` alphas)."""
+    per range (``2(P-1)`` alphas), after coalescing the (unsorted) input (``k`` entries sorted)."""
     sheet.step(c.P - 1, (c.P - 1) * SIZE_BYTES, "alltoall")
     sheet.step(c.P - 1, (c.P - 1) * c.block(c.k / c.P, c.n / c.P), "alltoall")
     sheet.sparse += 2 * c.k
