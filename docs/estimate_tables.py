@@ -11,6 +11,7 @@ measurements. **Bold**: every run's ratio within 25 %.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def cell(ratios: list[float]) -> str:
 def table(runs: dict, config: str) -> str:
     before = [r for name, r in runs.items() if name.startswith("before_") and config_of(name) == config]
     after = [r for name, r in runs.items() if name.startswith("after_") and config_of(name) == config]
-    rate = config.split("_")[0].removesuffix("8M")
+    rate = re.match(r"\d+[kmgt]?bit", config).group(0)
     first = after[0]
     conf = estimate(first["params"], first["ranks"], link_model(parse_rate(rate)),
                     sorted({r["density"] for r in first["rows"][2:]}))
@@ -61,11 +62,27 @@ def table(runs: dict, config: str) -> str:
     return "\n".join(lines)
 
 
+def curves(runs: dict, config: str) -> str:
+    """What the after runs' probes measured: per primitive, the payload rate (Mbit/s of modelled bytes, latency
+    included) of one call at each size, median over runs; then the local-work terms (range over runs)."""
+    models = [r["model"] for name, r in runs.items() if name.startswith("after_") and config_of(name) == config]
+    sizes = [b for b, _ in models[0]["call_curve"]["allgather"]][1:]
+    lines = ["| primitive | " + " | ".join(f"{b / 1e3:.0f} kB" for b in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for kind in models[0]["call_curve"]:
+        rates = [statistics.median(8 * m["call_curve"][kind][j + 1][0] / m["call_curve"][kind][j + 1][1] / 1e6
+                                   for m in models) for j in range(len(sizes))]
+        lines.append(f"| {kind} | " + " | ".join(f"{r:.0f}" for r in rates) + " |")
+    terms = {t: [m[t] * 1e9 for m in models] for t in ("gamma", "gamma_sort", "gamma_dense")}
+    lines.append("\nLocal work (ns per entry, per entry sorted, per element and pass): " + ", ".join(
+        f"{t} {min(v):.3g}-{max(v):.3g}" for t, v in terms.items()))
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     runs = load(Path(argv[0]))
     configs = sorted({config_of(name) for name in runs if name.startswith("after_")})
     for config in configs:
-        print(f"#### {config}\n\n{table(runs, config)}\n")
+        print(f"#### {config}\n\n{table(runs, config)}\n\nProbed curves:\n\n{curves(runs, config)}\n")
 
 
 if __name__ == "__main__":
