@@ -210,8 +210,9 @@ def _disable_ipv6(ns: str) -> None:
          "do [ -w $f ] && echo 1 > $f; done; true", check=False)
 
 
-def _tbf(ns: str, dev: str, bps: float, rate: str) -> None:
-    burst = max(32 * 1024, int(bps / 8 / 100))  # 10 ms at line rate (100mbit: 125 kB; 1gbit: 1.25 MB)
+def _tbf(ns: str, dev: str, bps: float, rate: str, burst_ms: float = 10.0) -> None:
+    # the token bucket: burst_ms at line rate (10 ms: 100mbit 125 kB, 1gbit 1.25 MB), at least 32 kB
+    burst = max(32 * 1024, int(bps / 8 * burst_ms / 1000))
     _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
          "rate", rate, "burst", str(burst), "latency", "50ms")
 
@@ -219,8 +220,9 @@ def _tbf(ns: str, dev: str, bps: float, rate: str) -> None:
 class _Cluster:
     """Creates the namespaces and links; ``close()`` removes them (idempotent)."""
 
-    def __init__(self, nranks: int, rate: str, offload: bool = True):
+    def __init__(self, nranks: int, rate: str, offload: bool = True, burst_ms: float = 10.0):
         self.offload = offload
+        self.burst_ms = burst_ms
         self.prefix = f"{NS_PREFIX}{os.getpid()}-{secrets.token_hex(2)}-"
         self.bridge_ns = self.prefix + "br"
         self.rank_ns = [f"{self.prefix}r{i}" for i in range(nranks)]
@@ -254,8 +256,8 @@ class _Cluster:
             _run("ip", "-n", br, "link", "set", port, "up")
             _run("ip", "-n", ns, "addr", "add", f"{self.addresses[i]}/24", "dev", "eth0")
             _run("ip", "-n", ns, "link", "set", "eth0", "up")
-            _tbf(ns, "eth0", self.bps, self.rate)   # rank -> bridge
-            _tbf(br, port, self.bps, self.rate)     # bridge -> rank
+            _tbf(ns, "eth0", self.bps, self.rate, self.burst_ms)   # rank -> bridge
+            _tbf(br, port, self.bps, self.rate, self.burst_ms)     # bridge -> rank
         self._wait_forwarding()
 
     def _wait_forwarding(self, timeout: float = 15) -> None:
@@ -308,6 +310,7 @@ def emulate_cluster(
     check: bool = True,
     grace: float = 10.0,
     offload: bool = True,
+    burst_ms: float = 10.0,
 ) -> ClusterResult:
     """Run ``command`` on ``nranks`` emulated machines joined by ``rate``-limited links; report link bytes and time.
 
@@ -332,6 +335,8 @@ def emulate_cluster(
             link and ``tx_bytes`` includes every packet's headers (payload + ~4.6% + ACKs), at several times
             the CPU cost per byte (on a small machine, 1gbit becomes CPU-bound). ``tx_payload_bytes`` is the
             TCP payload either way.
+        burst_ms: the tbf token bucket, in milliseconds at line rate (at least 32 kB). After an idle spell a
+            link passes that much at memory speed; a real NIC has no such bucket (docs/estimate.md).
 
     Returns:
         :class:`ClusterResult` (``links[r].tx_bytes`` etc. are bytes on rank r's wire, headers included).
@@ -349,10 +354,12 @@ def emulate_cluster(
         raise ValueError(f"port must be in 1..65535, got {port}")
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
+    if not burst_ms > 0:
+        raise ValueError(f"burst_ms must be positive, got {burst_ms}")
     _check_prerequisites()
     cleanup_stale()
 
-    cluster = _Cluster(nranks, rate, offload)
+    cluster = _Cluster(nranks, rate, offload, burst_ms)
     procs: list[subprocess.Popen] = []
     outputs: list[list[str]] = [[] for _ in range(nranks)]
     readers: list[threading.Thread] = []
@@ -477,6 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-offload", dest="offload", action="store_false",
                    help="MTU-sized packets, so the byte counters include every packet's headers as on a real "
                         "link (several times the CPU per byte; at 1gbit+ the CPU may become the limit)")
+    p.add_argument("--burst-ms", type=float, default=10.0,
+                   help="tbf token bucket in ms at line rate (default 10; at least 32 kB): traffic after an idle "
+                        "spell passes this much at memory speed")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     p.add_argument("--quiet", action="store_true", help="do not echo the ranks' output")
     p.add_argument("--cleanup", action="store_true",
@@ -494,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         res = emulate_cluster(command, args.nranks, args.rate, torchrun=args.torchrun, port=args.port,
                               timeout=args.timeout, echo=not args.quiet, check=False,
-                              offload=args.offload)
+                              offload=args.offload, burst_ms=args.burst_ms)
     except (ValueError, TypeError, PermissionError, RuntimeError, TimeoutError) as exc:
         print(f"emulate_cluster: {exc}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ Wangni's rand-k), SparCML's algorithms and the global top-k run synchronously in
 Not modelled: the extra steps error feedback may need to reach the same loss.
 
 ``--probe`` replaces the configured link by a measured model (:func:`probe_model`: ``alpha``/``beta``, each
-primitive's own seconds per call and per byte, local work at the bucket's size; a collective call under a
+primitive's seconds per call at several sizes, local work at the bucket's size; a collective call under a
 launcher); ``--measure`` times the same exchanges on the running process group, so the model can be checked
 against the cluster (docs/estimate.md).
 """
@@ -44,7 +44,7 @@ from .collectives.dense import ValuesAllreduce
 
 __all__ = ["Row", "parse_count", "parse_rate", "parse_seconds", "link_model", "probe_model", "estimate", "measure",
            "verdict", "format_rows", "as_dicts", "buckets", "SPARSE_COLLECTIVES", "SELECT_PASSES",
-           "DEFAULT_DENSITIES", "PROBE_SIZES"]
+           "DEFAULT_DENSITIES", "PROBE_SIZES", "CALL_SIZES"]
 
 #: Collectives of index-carrying payloads (the hook's ``collective=`` values besides ``"auto"`` and ``"dense"``).
 SPARSE_COLLECTIVES = ("allgather", "ssar_recursive_double", "ssar_split_allgather", "dsar_split_allgather")
@@ -56,6 +56,10 @@ SELECT_PASSES = {"indexed": 1.7, "shared": 0.25}
 #: least 4 MB): an emulated link's token bucket lets the first ~10 ms of traffic through at full speed, so small
 #: messages alone would overstate the bandwidth.
 PROBE_SIZES = (1, 2**12, 2**16, 2**20, 2**22)
+#: fp32 elements per call of the per-primitive curves of ``--probe`` (a call of ``n`` elements moves ``(P-1)/P * 4n``
+#: bytes in an allgather, a send/recv or an all-to-all, e.g. 32 kB to 8 MB at 2 ranks): from a 0.1 % row's
+#: allgather up to the largest probe size, which :func:`probe_model` caps as :data:`PROBE_SIZES`.
+CALL_SIZES = (2**14, 2**16, 2**18, 2**20, 2**22)
 #: TCP payload per byte of link rate: 1448 payload bytes per 1514-byte Ethernet frame (IPv4, TCP timestamps).
 WIRE_EFFICIENCY = 1448 / 1514
 
@@ -110,15 +114,17 @@ def probe_model(backend: Backend, numel: int, *, bucket_mb: float = 25.0, repeat
     """The model of ``--probe``, measured on ``backend`` (a collective call: every rank, same arguments).
 
     :func:`sparsedist.collectives.probe` with allreduces of :data:`PROBE_SIZES` up to the largest bucket (at least
-    ``2**20`` elements), each primitive's own seconds per byte (``call_beta``) and the local-work terms timed at
-    the largest bucket's length (``work_numel``): gloo's allgather and its concurrent send/recv need not reach
-    the link rate its ring allreduce reaches, and a scatter-add into a real bucket misses caches that the default
-    small kernels hit (docs/estimate.md).
+    ``2**20`` elements), each primitive's curve of seconds against bytes per call at :data:`CALL_SIZES` up to the
+    same size (``call_sizes``; its largest call also gives ``call_beta``), and the local-work terms timed at the
+    largest bucket's length (``work_numel``): gloo's allgather and its concurrent send/recv need not reach the
+    link rate its ring allreduce reaches, the rate a call reaches depends on its size, and a scatter-add into a
+    real bucket misses caches that the default small kernels hit (docs/estimate.md).
     """
     largest = max(buckets(numel, 4, bucket_mb))
     top = min(PROBE_SIZES[-1], max(2**20, largest))
     sizes = tuple(sorted({s for s in PROBE_SIZES if s < top} | {top}))
-    return probe(backend, sizes=sizes, repeats=repeats, call_beta=True, work_numel=largest)
+    calls = tuple(sorted({s for s in CALL_SIZES if s < top} | {top}))
+    return probe(backend, sizes=sizes, repeats=repeats, call_beta=True, work_numel=largest, call_sizes=calls)
 
 
 @dataclass

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from sparsedist.collectives import probe, ring_allreduce_bytes
-from sparsedist.collectives.base import CostSheet
+from sparsedist.collectives.base import CostSheet, curve_seconds
 from sparsedist.collectives.choose import (ALGORITHMS, EXACT_ALGORITHMS, PRIMITIVES, CostModel, choose,
                                            effective_universe,
                                            expected_union, predict)
+from sparsedist.collectives.measure import _isotonic
 from sparsedist.collectives.report import extrapolate, format_table
 from sparsedist.testing import run_distributed
 
@@ -221,6 +222,88 @@ def test_cost_model_uses_call_beta_only_at_its_world_size():
     assert m2.call_beta is None and m2.world_size is None
 
 
+def test_curve_seconds_interpolates_per_segment_and_extrapolates_the_last():
+    pts = ((8.0, 1e-4), (1000.0, 2e-4), (3000.0, 1e-3))
+    assert curve_seconds(pts, 0) == curve_seconds(pts, 8) == 1e-4  # below the first point: its latency
+    assert curve_seconds(pts, 504) == pytest.approx(1.5e-4)  # halfway along the first segment
+    assert curve_seconds(pts, 2000) == pytest.approx(6e-4)
+    assert curve_seconds(pts, 5000) == pytest.approx(1e-3 + 2000 * 4e-7)  # the last segment's seconds per byte
+
+
+def test_a_straight_curve_prices_exactly_like_call_latency_and_call_beta():
+    """Per call, ``a + b * bytes``: the same as ``call_latency = a`` and ``call_beta = b``, for every algorithm, at
+    2 (power of two), 3 and 6 ranks -- i.e. each cost formula's calls and their sizes add up (SparCML's size
+    messages priced apart from their payloads, the global top-k's amortised steps by their weights)."""
+    cl = {"allreduce": 3e-4, "allgather": 2e-4, "sendrecv": 1e-4, "alltoall": 5e-4}
+    cb = {"allreduce": 1e-9, "allgather": 2e-9, "sendrecv": 3e-9, "alltoall": 4e-9}
+    curve = {kind: ((0.0, cl[kind]), (1e6, cl[kind] + 1e6 * cb[kind])) for kind in PRIMITIVES}
+    kw = dict(alpha=1e-5, beta=1e-9, gamma=1e-8, gamma_dense=1e-10, gamma_sort=3e-8)
+    for P in (2, 3, 6):
+        for k in (200, 20_000):
+            lin = predict(2_000_000, k, P, **kw, call_latency=cl, call_beta=cb)
+            cur = predict(2_000_000, k, P, **kw, call_curve=curve)
+            for a in ALGORITHMS:
+                assert cur[a].time == pytest.approx(lin[a].time, rel=1e-9), (P, k, a)
+                assert (cur[a].bytes, cur[a].latency) == (lin[a].bytes, lin[a].latency)
+
+
+def test_call_curve_prices_each_call_at_its_own_size():
+    """A link whose calls slow down past 1 MB (gloo's allgather over TCP, docs/estimate.md): a 1 % allgather of
+    0.2 MB is priced at the fast rate, a 10 % one of 2 MB mostly at the slow rate; one call_beta cannot do both."""
+    fast, slow = 1e-8, 2e-8  # seconds per byte below and above 1 MB
+    curve = {kind: ((0.0, 1e-4), (2**20, 1e-4 + 2**20 * fast), (2**23, 1e-4 + 2**20 * fast + 7 * 2**20 * slow))
+             for kind in PRIMITIVES}
+    n, P = 2_500_000, 2
+    for d in (0.01, 0.1):
+        k = d * n
+        pred = predict(n, k, P, alpha=0, beta=0, call_curve=curve, algorithms=("allgather",))["allgather"]
+        payload = k * 8  # int32 index + fp32 value, one peer
+        expect = 2e-4 + 16 * fast + (payload * fast if payload <= 2**20 else 2**20 * fast + (payload - 2**20) * slow)
+        assert pred.time == pytest.approx(expect, rel=1e-6)
+    m = CostModel(alpha=1e-5, beta=1e-9, call_curve=curve, world_size=2)
+    assert m.predict(n, 0.01 * n, 2)["allgather"].time == pytest.approx(2e-4 + (16 + 0.08 * n) * fast, rel=1e-6)
+    assert m.predict(n, 0.01 * n, 4) == predict(n, 0.01 * n, 4, alpha=1e-5, beta=1e-9)  # other world sizes
+    m2 = CostModel()
+    m2.load_state_dict(m.state_dict())
+    assert m2.call_curve == curve and m2.predict(n, 1000, 2) == m.predict(n, 1000, 2)
+    with pytest.raises(ValueError, match="world_size"):
+        CostModel(call_curve=curve)
+    bad = ({kind: curve[kind][:1] for kind in PRIMITIVES}, {**curve, "sendrecv": curve["sendrecv"][::-1]},
+           {kind: curve[kind] for kind in PRIMITIVES[:3]}, {**curve, "allgather": ((0, 1e-4), (10, float("inf")))})
+    for c in bad:
+        with pytest.raises(ValueError, match=r"call_curve\['\w+'\] must be at least two"):
+            predict(n, 1000, 2, alpha=0, beta=0, call_curve=c)
+
+
+def test_gamma_sort_prices_sparcmls_input_sort_and_nothing_else():
+    n, k, P = 1_000_000, 10_000, 4
+    kw = dict(alpha=1e-5, beta=1e-9, gamma=1e-8, gamma_dense=1e-10)
+    plain, sorted_ = predict(n, k, P, **kw), predict(n, k, P, **kw, gamma_sort=5e-8)
+    for a in ALGORITHMS:
+        extra = sorted_[a].time - plain[a].time
+        if a in ("ssar_recursive_double", "ssar_split_allgather", "dsar_split_allgather", "gtopk"):
+            assert sorted_[a].sort_work >= k and extra == pytest.approx(5e-8 * sorted_[a].sort_work), a
+        else:
+            assert sorted_[a].sort_work == 0 and extra == 0, a
+    # 0 (the default, and a configured model's) adds nothing, to the last bit; an old state loads as 0
+    assert predict(n, k, P, **kw, gamma_sort=0.0) == plain
+    state = CostModel(alpha=1e-5, gamma_sort=5e-8).state_dict()
+    assert state["gamma_sort"] == 5e-8
+    del state["gamma_sort"]
+    m = CostModel(gamma_sort=1.0)
+    m.load_state_dict(state)
+    assert m.gamma_sort == 0.0
+    with pytest.raises(ValueError, match="gamma_sort"):
+        CostModel(gamma_sort=-1.0)
+
+
+def test_isotonic_fit_of_the_probe_curves():
+    assert _isotonic([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    # one noisy median is averaged with its neighbours instead of lifting every later point
+    assert _isotonic([3.0, 0.2, 0.4, 4.0, 17.0]) == pytest.approx([1.2, 1.2, 1.2, 4.0, 17.0])
+    assert _isotonic([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0]
+
+
 def test_extrapolation_table_to_1024_ranks():
     rows = extrapolate(25_000_000, [0.001, 0.01], [8, 64, 1024], CostModel(alpha=5e-6, beta=1 / 12.5e9))
     assert len(rows) == 6 and all(r["best"] in EXACT_ALGORITHMS for r in rows)
@@ -243,7 +326,8 @@ def _probe_worker(rank, ws):
     elapsed = time.perf_counter() - t0
     counters = (be.bytes_sent, be.bytes_received)
     t0 = time.perf_counter()
-    full = probe(be, sizes=(1, 2**12, 2**16), call_latency=False, call_beta=True, work_numel=2**16)
+    full = probe(be, sizes=(1, 2**12, 2**16), call_latency=False, call_beta=True, work_numel=2**16,
+                 call_sizes=(2**10, 2**16))
     full_elapsed = time.perf_counter() - t0
     full_counters = (be.bytes_sent, be.bytes_received)
     g = torch.Generator().manual_seed(rank)
@@ -259,7 +343,8 @@ def _probe_worker(rank, ws):
                        model.world_size), "elapsed": elapsed,
             "counters": counters, "err": float((out - ref).abs().max()),
             "full": (full.call_beta, full.call_latency, full.world_size, full.gamma, full.gamma_dense,
-                     full.measured["call_s"]), "full_elapsed": full_elapsed, "full_counters": full_counters}
+                     full.measured["call_s"], full.call_curve, full.gamma_sort), "model_extras": (
+                model.call_curve, model.gamma_sort), "full_elapsed": full_elapsed, "full_counters": full_counters}
 
 
 def test_probe_measures_and_agrees_across_ranks():
@@ -276,7 +361,12 @@ def test_probe_measures_and_agrees_across_ranks():
     # the optional measurements: each primitive's seconds per byte (the per-call latencies come with them) and the
     # local work at a given size; averaged over ranks like the rest, byte counters untouched
     assert res[0]["full"] == res[1]["full"]
-    call_beta, calls, world, gamma, gamma_dense, call_s = res[0]["full"]
+    call_beta, calls, world, gamma, gamma_dense, call_s, curve, gamma_sort = res[0]["full"]
+    assert res[0]["model_extras"] == (None, 0.0), "the default probe (collective='auto') measures no curve or sort"
+    assert gamma_sort > 0 and set(curve) == set(PRIMITIVES)
+    for kind, pts in curve.items():  # the tiny call, then 2**10 and 2**16 elements; a larger call never cheaper
+        assert [b for b, _ in pts] == [b for b, _ in sorted(pts)] and len(pts) == 3, (kind, pts)
+        assert pts[-1][0] == call_s[kind][0] and all(t1 >= t0 > 0 for (_, t0), (_, t1) in zip(pts, pts[1:]))
     assert world == 2 and set(call_beta) == set(calls) == set(PRIMITIVES)
     assert all(0 <= v < 1e-6 for v in call_beta.values()) and sum(call_beta.values()) > 0
     assert gamma > 0 and gamma_dense > 0
@@ -290,6 +380,8 @@ def test_probe_measures_and_agrees_across_ranks():
         assert r["full_counters"] == (123, 0) and r["full_elapsed"] < 10.0
     with pytest.raises(ValueError, match="work_numel"):
         probe(_SumOfTwo([0.0]), work_numel=0)
+    with pytest.raises(ValueError, match="call_sizes"):
+        probe(_SumOfTwo([0.0]), call_sizes=(2**10, 0))
 
 
 class _SumOfTwo:

@@ -2,8 +2,9 @@
 predictions against exchanges measured on the emulated cluster (network namespaces, tc tbf links; root only).
 
 The emulated-cluster check runs ``--probe --measure`` and checks every collective's measured/predicted ratio
-against gross-error bounds (:data:`BOUNDS`), for rows that move more than four times the links' token-bucket burst.
-The 25 % agreement is a measurement on a shared machine, not an assertion: docs/estimate.md reports it.
+against bounds the recorded runs support (:data:`BOUNDS`), for rows that move more than four times the links'
+token-bucket burst. The 25 % agreement is a measurement on a shared machine, not an assertion: docs/estimate.md
+reports it.
 """
 
 from __future__ import annotations
@@ -135,15 +136,19 @@ sys.modules[_spec.name] = emu
 _spec.loader.exec_module(emu)
 
 
-#: Gross-error bounds of measured/predicted with --probe, asserted per collective. The 25 % agreement itself is a
-#: measurement, not a test (timings on a shared machine vary): docs/estimate.md reports it, with medians and spread of
-#: repeated runs and the command that produced them. These bounds only catch a model that is wrong by a factor
-#: (a unit, a missing message, a wrong primitive rate); rows under four token-bucket bursts are printed, not asserted.
+#: Bounds of measured/predicted with --probe, asserted per collective, for rows above four token-bucket bursts. The
+#: 25 % agreement itself is a measurement (timings on a shared machine vary): docs/estimate.md reports it, with
+#: medians and spread of repeated runs and the command that produced them. These bounds hold every run there (six
+#: at each rate, 1-minute load 1.2-4.6) with room for a loaded host: at 100 Mbit/s, where the per-call curves put
+#: every 10 % row at 0.76-1.19, within 1.5x either way; at 1 Gbit/s the ring allreduces within 25 % and the
+#: allgather, SSAR split and DSAR within 1.6x, SSAR recursive doubling (1.07-1.77: its result's write and a bimodal
+#: send/recv, docs/estimate.md) within 2.5x. Smaller rows are printed, not asserted.
 BOUNDS = {
-    "100mbit": {"ring allreduce": (0.5, 2.0), "values allreduce": (0.5, 2.0), "allgather": (0.5, 2.0),
-                "ssar_recursive_double": (0.4, 2.5), "ssar_split_allgather": (0.4, 2.5),
-                "dsar_split_allgather": (0.4, 2.5)},
-    "1gbit": {"ring allreduce": (0.5, 2.0), "dsar_split_allgather": (0.4, 2.5), "allgather": (0.4, 2.0)},
+    "100mbit": {"ring allreduce": (0.75, 1.33), "values allreduce": (0.67, 1.5), "allgather": (0.67, 1.5),
+                "ssar_recursive_double": (0.67, 1.5), "ssar_split_allgather": (0.67, 1.5),
+                "dsar_split_allgather": (0.67, 1.5)},
+    "1gbit": {"ring allreduce": (0.75, 1.33), "allgather": (0.6, 1.6), "ssar_split_allgather": (0.5, 1.6),
+              "dsar_split_allgather": (0.6, 1.6), "ssar_recursive_double": (0.6, 2.5)},
 }
 
 
@@ -163,6 +168,10 @@ def test_probed_predictions_against_the_emulated_cluster(tmp_path, rate, params)
     model, rows = saved["model"], saved["rows"]
     assert model["world_size"] == 2 and set(model["call_beta"]) == {"allreduce", "allgather", "sendrecv",
                                                                      "alltoall"}
+    # the per-call curves: a tiny call, then 2**14 .. 2**22 elements (capped at the largest bucket)
+    assert set(model["call_curve"]) == set(model["call_beta"]) and model["gamma_sort"] > 0
+    for kind, pts in model["call_curve"].items():
+        assert len(pts) == 6 and all(t1 >= t0 > 0 for (_, t0), (_, t1) in zip(pts, pts[1:])), (kind, pts)
     burst = max(32 * 1024, parse_rate(rate) / 8 / 100)  # emulate_cluster's tbf bucket: 10 ms at line rate
     report, checked = [], set()
     for r in rows:
@@ -179,4 +188,4 @@ def test_probed_predictions_against_the_emulated_cluster(tmp_path, rate, params)
     # the configured model (--link) against the same measurements: the ring allreduces of dense and fp16
     configured = estimate(parse_count(params), 2, link_model(parse_rate(rate)), densities=[0.1])
     for conf, r in zip(configured[:2], rows[:2]):
-        assert conf.exchange == r["exchange"] and 0.5 <= r["measured_s"] / conf.predicted_s <= 2.0, (conf, r)
+        assert conf.exchange == r["exchange"] and 0.75 <= r["measured_s"] / conf.predicted_s <= 1.33, (conf, r)

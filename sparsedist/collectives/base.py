@@ -22,7 +22,7 @@ import torch
 from .backend import Backend
 
 __all__ = ["Collective", "Reduced", "CostTerms", "CostSheet", "Prediction", "HEADER_BYTES", "SIZE_BYTES",
-           "check_sparse_input"]
+           "check_sparse_input", "curve_seconds"]
 
 HEADER_BYTES = 8  # a sparse block's header (streams.HEADER_BYTES)
 SIZE_BYTES = 8    # one int64 size message
@@ -60,6 +60,7 @@ class Prediction:
         bytes: bytes on the critical path of the busiest rank (per step the larger of sent and received).
         sparse_work: sparse entries the rank handles locally.
         dense_work: dense elements the rank touches locally.
+        sort_work: entries the rank sorts to coalesce its unsorted input (SparCML's streams).
     """
 
     algorithm: str
@@ -68,6 +69,7 @@ class Prediction:
     bytes: float
     sparse_work: float = 0.0
     dense_work: float = 0.0
+    sort_work: float = 0.0
 
 
 @dataclass
@@ -108,28 +110,52 @@ class CostTerms:
         return 0.0 if m <= 0 else HEADER_BYTES + m * self.s
 
 
+def curve_seconds(points, nbytes: float) -> float:
+    """Seconds of one call moving ``nbytes`` (as the cost formulas count them), read off a measured curve.
+
+    ``points``: ``((bytes, seconds), ...)`` with increasing bytes, the first a tiny call (its latency). Between two
+    points the time is interpolated linearly (an alpha-beta model per segment); below the first it is the first
+    point's time; above the last it grows at the last segment's seconds per byte.
+    """
+    b0, t0 = points[0]
+    if nbytes <= b0:
+        return t0
+    for (b_lo, t_lo), (b_hi, t_hi) in zip(points, points[1:]):
+        if nbytes <= b_hi:
+            return t_lo + (t_hi - t_lo) * (nbytes - b_lo) / (b_hi - b_lo)
+    return t_hi + (t_hi - t_lo) / (b_hi - b_lo) * (nbytes - b_hi)
+
+
 @dataclass
 class CostSheet:
     """Accumulates one algorithm's messages, bytes and local work; :meth:`done` prices them.
 
     ``calls`` and ``kind_bytes`` keep, per primitive kind (``"allreduce"``, ``"allgather"``, ``"sendrecv"``,
     ``"alltoall"``), the number of calls and the bytes on the critical path, so that measured per-kind costs can
-    price them (``call_latency``, ``call_beta`` of :meth:`done`).
+    price them (``call_latency``, ``call_beta`` of :meth:`done`); ``sized`` keeps every step's ``(kind, calls,
+    bytes per call)``, so that a measured curve of seconds against bytes per call can (``call_curve``).
     """
 
     latency: float = 0.0
     bytes: float = 0.0
     sparse: float = 0.0
     dense: float = 0.0
+    sort: float = 0.0
     calls: dict = field(default_factory=dict)
     kind_bytes: dict = field(default_factory=dict)
+    sized: list = field(default_factory=list)
 
-    def step(self, messages: float, nbytes: float, kind: str, calls: float = 1.0) -> None:
-        """``calls`` calls of primitive ``kind`` costing ``messages`` alphas and ``nbytes`` bytes together."""
+    def step(self, messages: float, nbytes: float, kind: str, calls: float = 1.0, parts=None) -> None:
+        """``calls`` calls of primitive ``kind`` costing ``messages`` alphas and ``nbytes`` bytes together, of
+        ``nbytes / calls`` bytes each, or of ``parts`` bytes each (one entry per call) when their sizes differ."""
         self.latency += messages
         self.bytes += nbytes
         self.calls[kind] = self.calls.get(kind, 0.0) + calls
         self.kind_bytes[kind] = self.kind_bytes.get(kind, 0.0) + nbytes
+        if parts is not None:
+            self.sized.extend((kind, 1.0, float(b)) for b in parts)
+        elif calls > 0:
+            self.sized.append((kind, calls, nbytes / calls))
 
     def add(self, other: "CostSheet", weight: float) -> None:
         """Add ``weight`` times another sheet (an amortised alternative, e.g. a periodic estimation)."""
@@ -137,25 +163,30 @@ class CostSheet:
         self.bytes += weight * other.bytes
         self.sparse += weight * other.sparse
         self.dense += weight * other.dense
+        self.sort += weight * other.sort
         for kind, c in other.calls.items():
             self.calls[kind] = self.calls.get(kind, 0.0) + weight * c
         for kind, b in other.kind_bytes.items():
             self.kind_bytes[kind] = self.kind_bytes.get(kind, 0.0) + weight * b
+        self.sized.extend((kind, weight * c, b) for kind, c, b in other.sized)
 
     def done(self, name: str, alpha: float, beta: float, gamma: float, gamma_dense: float,
-             call_latency: dict | None, call_beta: dict | None = None) -> Prediction:
+             call_latency: dict | None, call_beta: dict | None = None, call_curve: dict | None = None,
+             gamma_sort: float = 0.0) -> Prediction:
         """Price the sheet: ``alpha`` per message (or ``call_latency[kind]`` per call), ``beta`` per byte (or
-        ``call_beta[kind]`` per byte of that kind), ``gamma`` per sparse entry, ``gamma_dense`` per dense element."""
-        if call_latency:
-            lat = sum(c * call_latency[kind] for kind, c in self.calls.items())
+        ``call_beta[kind]`` per byte of that kind), ``gamma`` per sparse entry, ``gamma_dense`` per dense element.
+        ``gamma_sort`` per entry sorted (0 for a configured model: then the time is exactly what it was before
+        this term existed). With ``call_curve`` (``{kind: ((bytes, seconds), ...)}``, measured) each call costs what the curve of its
+        kind says for its bytes (:func:`curve_seconds`), latency and bytes together, instead."""
+        if call_curve:
+            lat, wire = 0.0, sum(c * curve_seconds(call_curve[kind], b) for kind, c, b in self.sized)
         else:
-            lat = alpha * self.latency
-        if call_beta:
-            wire = sum(b * call_beta[kind] for kind, b in self.kind_bytes.items())
-        else:
-            wire = beta * self.bytes
-        t = lat + wire + gamma * self.sparse + gamma_dense * self.dense
-        return Prediction(name, t, self.latency, self.bytes, self.sparse, self.dense)
+            lat = sum(c * call_latency[kind] for kind, c in self.calls.items()) if call_latency else \
+                alpha * self.latency
+            wire = sum(b * call_beta[kind] for kind, b in self.kind_bytes.items()) if call_beta else \
+                beta * self.bytes
+        t = lat + wire + gamma * self.sparse + gamma_dense * self.dense + gamma_sort * self.sort
+        return Prediction(name, t, self.latency, self.bytes, self.sparse, self.dense, self.sort)
 
 
 class Collective:

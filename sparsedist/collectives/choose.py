@@ -1,9 +1,10 @@
 """Alpha-beta cost model that picks the collective for one bucket.
 
 A message of ``m`` bytes costs ``alpha + m * beta`` (Hockney). Steps that run one after the other add up; the
-``P - 1`` messages of a ring or pairwise-exchange step count ``P - 1`` alphas. Two local-work terms can be
-added: ``gamma`` seconds per sparse entry a rank handles (sort/merge/scatter) and ``gamma_dense`` seconds per
-dense element it touches (zero-fill, add, copy) -- on a fast link these decide, on a slow one the network does.
+``P - 1`` messages of a ring or pairwise-exchange step count ``P - 1`` alphas. Local-work terms can be added:
+``gamma`` seconds per sparse entry a rank handles (sort/merge/scatter), ``gamma_dense`` seconds per dense element
+it touches (zero-fill, add, copy) and ``gamma_sort`` seconds per entry of the sort that coalesces SparCML's
+unsorted input into a stream -- on a fast link these decide, on a slow one the network does.
 
 Each algorithm's formula lives beside its code (``cost()`` of its :class:`~sparsedist.collectives.base.Collective`
 in :mod:`.allgather`, :mod:`.dense`, :mod:`.sparcml`, :mod:`.gtopk`); its byte counts follow the code exactly,
@@ -22,7 +23,9 @@ no overlap of communication and computation. Measured per-primitive costs (``cal
 probed :class:`CostModel`) replace ``alpha`` and ``beta`` where they were measured: a library's primitives need
 not reach the same share of the link (on gloo over TCP, an allgather or a concurrent send/recv in both
 directions took 1.3-1.8x the seconds per byte of a ring allreduce, docs/estimate.md), and that share is then
-priced from the measurement instead of from the full-duplex assumption. Every rank must call :func:`choose`
+priced from the measurement instead of from the full-duplex assumption. A measured curve per primitive
+(``call_curve``: seconds of one call at several sizes) goes further and prices each call at its own size, since
+on TCP the share a call reaches depends on its size. Every rank must call :func:`choose`
 with the same arguments (use a probed model averaged over ranks -- :func:`~sparsedist.collectives.probe` does
 that -- and per-rank counts agreed by a collective), otherwise ranks pick different algorithms and deadlock.
 """
@@ -52,6 +55,23 @@ def _check_per_kind(costs: dict | None, what: str, unit: str) -> None:
         v = costs.get(kind)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or math.isinf(v):
             raise ValueError(f"{what}[{kind!r}] must be {unit} >= 0 (one for each of {PRIMITIVES}), got {v!r}")
+
+
+def _check_curve(curve: dict | None, what: str) -> None:
+    """Every primitive kind needs at least two ``(bytes, seconds)`` points, bytes increasing, finite values >= 0."""
+    if curve is None:
+        return
+    if not isinstance(curve, dict):
+        raise TypeError(f"{what} must be a dict {{primitive: ((bytes, seconds), ...)}}, got {type(curve).__name__}")
+    for kind in PRIMITIVES:
+        pts = curve.get(kind)
+        ok = isinstance(pts, (list, tuple)) and len(pts) >= 2 and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and not math.isinf(v) for v in p)
+            for p in pts)
+        if not ok or any(b1 <= b0 for (b0, _), (b1, _) in zip(pts, pts[1:])):
+            raise ValueError(f"{what}[{kind!r}] must be at least two (bytes, seconds) points with increasing bytes "
+                             f"and finite values >= 0 (one curve for each of {PRIMITIVES}), got {pts!r}")
 
 
 @dataclass(frozen=True)
@@ -116,10 +136,11 @@ def effective_universe(numel: int, nnz: float, world_size: int, union_nnz: float
 
 
 def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: float, gamma: float = 0.0,
-            gamma_dense: float = 0.0, value_bytes: int = 4, index_bytes: int | None = None,
+            gamma_dense: float = 0.0, gamma_sort: float = 0.0, value_bytes: int = 4, index_bytes: int | None = None,
             nnz_max: float | None = None, union_nnz: float | None = None, dense_threshold: float | None = None,
             gtopk_k: float | None = None, threshold_interval: int = 32, repartition_interval: int = 64,
-            algorithms=ALGORITHMS, call_latency: dict | None = None, call_beta: dict | None = None) -> dict:
+            algorithms=ALGORITHMS, call_latency: dict | None = None, call_beta: dict | None = None,
+            call_curve: dict | None = None) -> dict:
     """Predicted cost of each algorithm for one bucket.
 
     Args:
@@ -130,6 +151,8 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
         beta: seconds per byte (inverse bandwidth).
         gamma: seconds per sparse entry handled locally (0: ignore local work).
         gamma_dense: seconds per dense element touched locally (0: ignore).
+        gamma_sort: seconds per entry of the sort that coalesces an unsorted input into a SparCML stream (0:
+            ignore, as before this term existed).
         value_bytes: bytes per value on the wire (4 fp32, 2 fp16/bf16).
         index_bytes: bytes per index (default 4 below ``2**31`` elements, else 8).
         nnz_max: the largest count over ranks (padding of the allgather; default ``nnz``).
@@ -144,6 +167,11 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
         call_beta: measured seconds per byte of each primitive kind at this world size, per byte as the cost
             formulas count them (one direction of a send/recv); when given it replaces ``beta`` (e.g. gloo's
             allgather and concurrent send/recv run below the link rate that its ring allreduce reaches).
+        call_curve: measured seconds of one call of each primitive kind at several sizes at this world size,
+            ``{kind: ((bytes, seconds), ...)}`` (bytes as the cost formulas count them, increasing); when given,
+            every call is priced by its kind's curve at its own size (interpolated linearly between the measured
+            sizes), replacing ``call_latency``, ``call_beta``, ``alpha`` and ``beta``: on a TCP link the rate a call
+            reaches depends on its size (docs/estimate.md).
 
     Returns:
         ``{algorithm: Prediction}``.
@@ -151,13 +179,14 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
     n, P = int(numel), int(world_size)
     if n < 0 or P < 1:
         raise ValueError(f"need numel >= 0 and world_size >= 1, got numel={numel}, world_size={world_size}")
-    if nnz < 0 or alpha < 0 or beta < 0 or gamma < 0 or gamma_dense < 0:
-        raise ValueError("nnz, alpha, beta, gamma and gamma_dense must be >= 0")
+    if nnz < 0 or alpha < 0 or beta < 0 or gamma < 0 or gamma_dense < 0 or gamma_sort < 0:
+        raise ValueError("nnz, alpha, beta, gamma, gamma_dense and gamma_sort must be >= 0")
     unknown = set(algorithms) - set(ALGORITHMS)
     if unknown:
         raise ValueError(f"unknown algorithm(s) {sorted(unknown)}; choose from {ALGORITHMS}")
     _check_per_kind(call_latency, "call_latency", "seconds per call")
     _check_per_kind(call_beta, "call_beta", "seconds per byte")
+    _check_curve(call_curve, "call_curve")
     bv = int(value_bytes)
     bi = int(index_bytes) if index_bytes is not None else (4 if n <= 2**31 - 1 else 8)
     k = float(min(nnz, n))
@@ -172,7 +201,8 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
         sheet = CostSheet()
         if P > 1:
             COLLECTIVES[name].cost(terms, sheet)
-        out[name] = sheet.done(name, alpha, beta, gamma, gamma_dense, call_latency, call_beta)
+        out[name] = sheet.done(name, alpha, beta, gamma, gamma_dense, call_latency, call_beta, call_curve,
+                               gamma_sort)
     return out
 
 
@@ -207,6 +237,8 @@ class CostModel:
         beta: seconds per byte. Default ``8e-10`` (10 Gbit/s).
         gamma: seconds per sparse entry handled locally. Default 0 (ignore).
         gamma_dense: seconds per dense element touched locally. Default 0 (ignore).
+        gamma_sort: seconds per entry of the sort that coalesces an unsorted input into a SparCML stream.
+            Default 0 (ignore, exactly as before this term existed); measured by ``probe(work_numel=n)``.
         call_latency: optional measured seconds per call of each primitive (``"allreduce"``, ``"allgather"``,
             ``"sendrecv"``, ``"alltoall"``) at ``world_size`` ranks; used instead of ``alpha`` when predicting for
             that world size (other world sizes use ``alpha``).
@@ -214,7 +246,10 @@ class CostModel:
             formulas count them) at ``world_size`` ranks; used instead of ``beta`` when predicting for that world
             size (other world sizes use ``beta``). ``None`` (the default): every primitive is priced by ``beta``,
             exactly as without it.
-        world_size: the world size ``call_latency`` and ``call_beta`` were measured at.
+        call_curve: optional measured seconds of one call of each primitive at several sizes, ``{kind: ((bytes,
+            seconds), ...)}``, at ``world_size`` ranks; when predicting for that world size it prices every call
+            by its own size and replaces ``call_latency``, ``call_beta``, ``alpha`` and ``beta`` (:func:`predict`).
+        world_size: the world size ``call_latency``, ``call_beta`` and ``call_curve`` were measured at.
         measured: raw probe timings, for reports.
     """
 
@@ -226,9 +261,11 @@ class CostModel:
     world_size: int | None = None
     measured: dict = field(default_factory=dict)
     call_beta: dict | None = None
+    call_curve: dict | None = None
+    gamma_sort: float = 0.0
 
     def __post_init__(self):
-        for name in ("alpha", "beta", "gamma", "gamma_dense"):
+        for name in ("alpha", "beta", "gamma", "gamma_dense", "gamma_sort"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or math.isinf(v):
                 raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {v!r}")
@@ -236,12 +273,17 @@ class CostModel:
             if getattr(self, name) is not None and self.world_size is None:
                 raise ValueError(f"CostModel.{name} needs the world_size it was measured at")
             _check_per_kind(getattr(self, name), f"CostModel.{name}", unit)
+        if self.call_curve is not None and self.world_size is None:
+            raise ValueError("CostModel.call_curve needs the world_size it was measured at")
+        _check_curve(self.call_curve, "CostModel.call_curve")
 
     def _kw(self, world_size: int) -> dict:
         here = world_size == self.world_size
         return dict(alpha=self.alpha, beta=self.beta, gamma=self.gamma, gamma_dense=self.gamma_dense,
+                    gamma_sort=self.gamma_sort,
                     call_latency=self.call_latency if self.call_latency and here else None,
-                    call_beta=self.call_beta if self.call_beta and here else None)
+                    call_beta=self.call_beta if self.call_beta and here else None,
+                    call_curve=self.call_curve if self.call_curve and here else None)
 
     def predict(self, numel: int, nnz: float, world_size: int, **kwargs) -> dict:
         """:func:`predict` with this model's parameters."""
@@ -257,9 +299,13 @@ class CostModel:
     def load_state_dict(self, state: dict) -> None:
         for key in ("alpha", "beta", "gamma", "gamma_dense"):
             setattr(self, key, float(state[key]))
+        self.gamma_sort = float(state.get("gamma_sort", 0.0))  # a state saved before gamma_sort existed: 0
         cl, cb = state.get("call_latency"), state.get("call_beta")
         self.call_latency = None if cl is None else {k: float(v) for k, v in cl.items()}
         self.call_beta = None if cb is None else {k: float(v) for k, v in cb.items()}
+        cc = state.get("call_curve")
+        self.call_curve = None if cc is None else {k: tuple((float(b), float(t)) for b, t in pts)
+                                                   for k, pts in cc.items()}
         self.world_size = state.get("world_size")
         self.measured = dict(state.get("measured", {}))
         self.__post_init__()

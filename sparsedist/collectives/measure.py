@@ -17,6 +17,7 @@ import torch
 from .allgather import scatter_add
 from .backend import Backend, ring_allreduce_bytes
 from .choose import PRIMITIVES, CostModel
+from .streams import coalesce
 from .wire import decode, encode
 
 __all__ = ["probe", "WORK_DENSITY"]
@@ -75,14 +76,56 @@ def _primitives(backend: Backend, numel: int, dev) -> dict:
             "alltoall": (lambda: backend.alltoall_v([ag] * P, [part] * P), (P - 1) * part * 4)}
 
 
-def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float]:
-    """``gamma`` (s per sparse entry) and ``gamma_dense`` (s per dense element).
+def _sized_calls(backend: Backend, numels, repeats: int, dev) -> dict:
+    """Median seconds of one call of each primitive kind at each of ``numels`` fp32 elements (as
+    :func:`_primitives` moves them): ``{numel: [(modelled bytes, seconds) per kind]}``. A call moving under 1 MB
+    is cheap and, on a loaded host, noisy: it gets ``3 * repeats`` timings instead of ``repeats``."""
+    out = {}
+    for n in numels:
+        row = []
+        for op, b in _primitives(backend, int(n), dev).values():
+            row.append((b, statistics.median(_times(backend, op, (repeats if b > 2**20 else 3 * repeats) + 1)[1:])))
+        out[int(n)] = row  # the first call of each warms up
+    return out
+
+
+def _isotonic(ys: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``ys`` in least squares (pool adjacent violators): a larger call
+    never costs less, and one noisy median is averaged with its neighbours instead of lifting every later point."""
+    blocks = []  # [mean, count]
+    for y in ys:
+        blocks.append([y, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, c2), (m1, c1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return [m for m, c in blocks for _ in range(c)]
+
+
+def _curves(sized: dict, times: list[float]) -> dict:
+    """``{kind: ((bytes, seconds), ...)}`` from :func:`_sized_calls`' bytes and the rank-averaged ``times`` (in
+    the same order), made non-decreasing (:func:`_isotonic`); a point with no more bytes than the previous (tiny
+    calls at many ranks) is dropped."""
+    curves = {}
+    for j, kind in enumerate(PRIMITIVES):
+        pts = []
+        for i, row in enumerate(sized.values()):
+            if not pts or row[j][0] > pts[-1][0]:
+                pts.append((float(row[j][0]), times[i * len(PRIMITIVES) + j]))
+        curves[kind] = tuple(zip([b for b, _ in pts], _isotonic([t for _, t in pts])))
+    return curves
+
+
+def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float, float]:
+    """``gamma`` (s per sparse entry), ``gamma_dense`` (s per dense element) and ``gamma_sort`` (s per entry
+    sorted; only with ``work_numel``, else 0).
 
     Without ``work_numel``: ``torch.unique`` and a scatter-add of 131072 entries, an add of ``2**20`` elements, the
     fastest of 3 (small kernels, mostly in cache). With it: the kernels of a sparse sum at that size, the median
-    of ``repeats`` -- what the allgather does per received entry: decode a payload of ``WORK_DENSITY *
+    of ``3 * repeats`` after two warm-up calls -- what the allgather does per received entry: decode a payload of ``WORK_DENSITY *
     work_numel`` distinct random positions (int32 index + fp32 value) and scatter-add it into a fresh zeroed
-    vector of ``work_numel``; and a zero-fill plus an add of ``work_numel`` elements (two dense passes).
+    vector of ``work_numel``; a zero-fill plus an add of ``work_numel`` elements (two dense passes); and the
+    coalescing of the same number of unsorted positions into a sorted stream (what SparCML's algorithms do with
+    their input first: :func:`~sparsedist.collectives.streams.coalesce`).
     """
     g = torch.Generator().manual_seed(0)
     if work_numel is None:
@@ -96,20 +139,22 @@ def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float
 
         a, b = torch.ones(2**20, device=dev), torch.ones(2**20, device=dev)
         return (min(_times(None, sparse, 3)) / (2 * m),
-                min(_times(None, lambda: a.add_(b), 3)) / 2**20)
+                min(_times(None, lambda: a.add_(b), 3)) / 2**20, 0.0)
     n = int(work_numel)
     m = max(1, int(WORK_DENSITY * n))
-    payload = encode(torch.randperm(n, generator=g)[:m], torch.randn(m, generator=g), torch.float32).to(dev)
+    idx, val = torch.randperm(n, generator=g)[:m].to(dev), torch.randn(m, generator=g).to(dev)
+    payload = encode(idx, val, torch.float32)
     ones = torch.ones(n, device=dev)
-    sparse = _times(None, lambda: scatter_add(torch.zeros(n, device=dev), *decode(payload, torch.float32)),
-                    repeats + 1)[1:]
-    dense = _times(None, lambda: torch.zeros(n, device=dev).add_(ones), repeats + 1)[1:]
-    return statistics.median(sparse) / m, statistics.median(dense) / (2 * n)
+    r = 3 * repeats + 2  # cheap kernels, noisy on a loaded host: many timings, the first two warm up
+    sparse = _times(None, lambda: scatter_add(torch.zeros(n, device=dev), *decode(payload, torch.float32)), r)[2:]
+    dense = _times(None, lambda: torch.zeros(n, device=dev).add_(ones), r)[2:]
+    sort = _times(None, lambda: coalesce(idx, val), r)[2:]
+    return statistics.median(sparse) / m, statistics.median(dense) / (2 * n), statistics.median(sort) / m
 
 
 def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5, local_work: bool = True,
           call_latency: bool = True, call_beta: bool = False, work_numel: int | None = None,
-          device: torch.device | str | None = None) -> CostModel:
+          call_sizes=None, device: torch.device | str | None = None) -> CostModel:
     """Measure ``alpha`` and ``beta`` (and the local-work terms) at start-up; a collective call.
 
     Times ``repeats`` fp32 allreduces at each of ``sizes`` elements (the fastest of each), fits
@@ -127,9 +172,16 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
       instead of ``beta`` at this world size. gloo's allgather and its concurrent send/recv and all-to-all need
       not reach the link rate its ring allreduce reaches (docs/estimate.md).
     * ``work_numel``: ``gamma`` and ``gamma_dense`` timed on kernels of that size (a real bucket's length), the
-      median of ``repeats``, instead of the small kernels: the allgather's decode and scatter-add of received
-      entries into a vector of 16 MB misses the caches that the small kernels hit. (SparCML's sort-based merges
-      cost more per entry than this; docs/estimate.md.)
+      median of ``3 * repeats``, instead of the small kernels: the allgather's decode and scatter-add of received
+      entries into a vector of 16 MB misses the caches that the small kernels hit. Also ``gamma_sort``: the
+      coalescing sort of as many unsorted positions, which SparCML's algorithms do with their input first (and
+      which no other term prices; 0 without ``work_numel``).
+    * ``call_sizes``: each primitive timed at each of these sizes (fp32 elements, as the tiny call and
+      ``call_beta`` move them), the median of ``repeats`` (``3 * repeats`` below 1 MB), and at 2 elements: a
+      curve of seconds against bytes per call for each kind (``CostModel.call_curve``), which then prices every
+      call at its own size. On a TCP link the rate depends on the size: an allgather or a send/recv of 0.1-0.5 MB
+      reached the link rate, one of 8 MB 0.55-0.8 of it (docs/estimate.md), which neither one ``call_beta`` nor
+      one line through all sizes describes.
 
     Args:
         backend: the communicator (every rank must call).
@@ -139,17 +191,22 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
         call_latency: also measure the per-call cost of each primitive (for predictions at this world size).
         call_beta: also measure each primitive's seconds per byte (implies the per-call latencies).
         work_numel: elements of the local-work kernels (default None: the small kernels).
+        call_sizes: elements of the calls of the per-primitive curves (default None: no curves).
         device: where the probe tensors live (default CPU; pass the GPU for NCCL).
 
     Returns:
         A :class:`CostModel`; ``measured`` holds this rank's fastest time per size (``allreduce_s``) and, with
-        ``call_beta``, each primitive's modelled bytes and median seconds (``call_s``), averaged over ranks.
+        ``call_beta``, each primitive's modelled bytes and median seconds (``call_s``), averaged over ranks;
+        with ``call_sizes``, ``call_curve`` the curves.
     """
     if len(set(sizes)) < 2 or repeats < 1:
         raise ValueError("probe() needs at least two distinct sizes and repeats >= 1")
     if work_numel is not None and (isinstance(work_numel, bool) or not isinstance(work_numel, int)
                                    or work_numel < 1):
         raise ValueError(f"probe(work_numel=...) must be a positive int (a bucket's elements), got {work_numel!r}")
+    if call_sizes is not None and (not call_sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                                         for n in call_sizes)):
+        raise ValueError(f"probe(call_sizes=...) must be positive ints (elements per call), got {call_sizes!r}")
     counters = (backend.bytes_sent, backend.bytes_received)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     P = backend.size
@@ -157,19 +214,26 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
     fastest = {}
     if P > 1:
         alpha, beta, fastest = _fit_link(backend, sizes, repeats, dev)
-    gamma, gamma_dense = _local_work(work_numel, repeats, dev) if local_work else (0.0, 0.0)
+    gamma, gamma_dense, gamma_sort = _local_work(work_numel, repeats, dev) if local_work else (0.0, 0.0, 0.0)
     per_call = P > 1 and (call_latency or call_beta)
     calls = [0.0] * len(PRIMITIVES)
     if per_call:
         for j, (op, _) in enumerate(_primitives(backend, 2, dev).values()):
             calls[j] = min(_times(backend, op, repeats))
+    sized = _sized_calls(backend, (2,) + tuple(sorted(set(call_sizes))), repeats, dev) \
+        if P > 1 and call_sizes else {}
     big = [0.0] * len(PRIMITIVES)
     nbytes = [0] * len(PRIMITIVES)
     if P > 1 and call_beta:
-        for j, (op, b) in enumerate(_primitives(backend, int(max(sizes)), dev).values()):
-            big[j] = statistics.median(_times(backend, op, repeats + 1)[1:])  # the first call warms up
-            nbytes[j] = b
-    params = torch.tensor([alpha, beta, gamma, gamma_dense] + calls + big, dtype=torch.float64, device=dev)
+        if int(max(sizes)) in sized:  # the curve's call at that size serves call_beta too
+            nbytes, big = (list(x) for x in zip(*sized[int(max(sizes))]))
+        else:
+            for j, (op, b) in enumerate(_primitives(backend, int(max(sizes)), dev).values()):
+                big[j] = statistics.median(_times(backend, op, repeats + 1)[1:])  # the first call warms up
+                nbytes[j] = b
+    curve_t = [t for row in sized.values() for _, t in row]
+    params = torch.tensor([alpha, beta, gamma, gamma_dense] + calls + big + [gamma_sort] + curve_t,
+                          dtype=torch.float64, device=dev)
     if P > 1:
         backend.allreduce(params)
         params /= P
@@ -181,5 +245,8 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
     if P > 1 and call_beta:
         measured["call_s"] = {kind: (nbytes[j], vals[8 + j]) for j, kind in enumerate(PRIMITIVES)}
         cb = {kind: max(vals[8 + j] - cl[kind], 0.0) / nbytes[j] for j, kind in enumerate(PRIMITIVES)}
-    return CostModel(*vals[:4], call_latency=cl, world_size=P if per_call else None, measured=measured,
-                     call_beta=cb)
+    cc = _curves(sized, vals[13:]) if sized else None
+    if cc:
+        measured["call_curve"] = cc
+    return CostModel(*vals[:4], call_latency=cl, world_size=P if per_call or cc else None, measured=measured,
+                     call_beta=cb, call_curve=cc, gamma_sort=vals[12])

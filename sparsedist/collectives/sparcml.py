@@ -164,7 +164,8 @@ class _SparCML(Collective):
 class SSARRecursiveDouble(_SparCML):
     """SSAR_Recursive_double. Cost: ``log2 P'`` rounds of ``2`` alphas and ``8 + block(U(c_r))`` bytes,
     ``c_r = min(P, f 2^r)`` inputs per stream (``f = 2`` when ``P`` is not a power of two: the fold-in doubles
-    the busiest streams); plus fold-in ``8 + block(k)`` and fold-out ``8 + block(U(P))`` when ``P != P'``."""
+    the busiest streams); plus fold-in ``8 + block(k)`` and fold-out ``8 + block(U(P))`` when ``P != P'``. Each
+    size message and payload is one call; coalescing the (unsorted) input sorts ``k`` entries."""
 
     name = "ssar_recursive_double"
     algorithm = staticmethod(ssar_recursive_double)
@@ -174,31 +175,33 @@ class SSARRecursiveDouble(_SparCML):
         P, n = c.P, c.n
         p2 = 1 << (P.bit_length() - 1)
         f = 1 if p2 == P else 2
+        sheet.sort += c.k  # coalescing the unsorted input into a stream
         if p2 != P:
-            sheet.step(2, SIZE_BYTES + c.block(c.k, n), "sendrecv", 2)
+            sheet.step(2, SIZE_BYTES + c.block(c.k, n), "sendrecv", 2, parts=(SIZE_BYTES, c.block(c.k, n)))
             sheet.sparse += 2 * c.k
         r = 0
         while (1 << r) < p2:
             inputs = min(P, f << r)
             m = c.U(inputs)
-            sheet.step(2, SIZE_BYTES + c.block(m, n), "sendrecv", 2)
+            sheet.step(2, SIZE_BYTES + c.block(m, n), "sendrecv", 2, parts=(SIZE_BYTES, c.block(m, n)))
             if c.U(min(P, 2 * inputs)) > c.delta * n or m > c.delta * n:
                 sheet.dense += 2 * n
             else:
                 sheet.sparse += 2 * m
             r += 1
         if p2 != P:
-            sheet.step(2, SIZE_BYTES + c.block(c.U(P), n), "sendrecv", 2)
+            sheet.step(2, SIZE_BYTES + c.block(c.U(P), n), "sendrecv", 2, parts=(SIZE_BYTES, c.block(c.U(P), n)))
         sheet.dense += n
 
 
 def split_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
     """The reduce-scatter both split algorithms (and the global top-k) start with: sizes, then ``block(k/P)``
-    per range (``2(P-1)`` alphas)."""
+    per range (``2(P-1)`` alphas), after coalescing the (unsorted) input (``k`` entries sorted)."""
     sheet.step(c.P - 1, (c.P - 1) * SIZE_BYTES, "alltoall")
     sheet.step(c.P - 1, (c.P - 1) * c.block(c.k / c.P, c.n / c.P), "alltoall")
     sheet.sparse += 2 * c.k
     sheet.dense += c.n / c.P + c.n
+    sheet.sort += c.k  # coalescing the unsorted input into a stream
 
 
 class _Split(_SparCML):
