@@ -104,9 +104,10 @@ def _plot(records: list[dict], path: Path, model: str) -> None:
         mean = [statistics.mean(c) for c in zip(*losses)]
         lo, hi = [min(c) for c in zip(*losses)], [max(c) for c in zip(*losses)]
         mb = [statistics.mean(c) / 1e6 for c in zip(*[[h[2] for h in r["history"]] for r in rs])]
-        ax_s.plot(xs, mean, color=color, label=label)
+        style = "--" if method.endswith("-reset") else "-"  # error reset: dashed, in the palette's next colour
+        ax_s.plot(xs, mean, color=color, label=label, linestyle=style)
         ax_s.fill_between(xs, lo, hi, color=color, alpha=0.15)
-        ax_b.plot(mb, mean, color=color, label=label)
+        ax_b.plot(mb, mean, color=color, label=label, linestyle=style)
         ax_b.fill_between(mb, lo, hi, color=color, alpha=0.15)
     ax_s.set_xlabel("optimizer step")
     ax_b.set_xlabel("MB sent per rank (log)")

@@ -144,3 +144,13 @@ def test_selection_benchmark_times_every_compressor_on_a_small_tensor():
     sent = {(r["compressor"], r["density"]): r["sent"] for r in rows}
     assert sent[("topk (exact)", 0.001)] == 300 and sent[("topk (exact)", 0.01)] == 3000
     assert sent[("randk", 0.01)] == 3000 and 150 <= sent[("topk (sampled)", 0.001)] <= 300
+
+
+def test_estimate_tables_rebuild_the_documented_tables():
+    """benchmarks/estimate_tables.py turns docs/estimate_emulated.json into docs/estimate.md's tables."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "estimate_tables.py"),
+                          str(ROOT / "docs" / "estimate_emulated.json")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for heading in ("#### 100mbit", "#### 1gbit"):
+        assert heading in out.stdout
+    assert "| dense allreduce (DDP) | 1 | ring allreduce |" in out.stdout

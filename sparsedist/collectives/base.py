@@ -176,8 +176,9 @@ class CostSheet:
         """Price the sheet: ``alpha`` per message (or ``call_latency[kind]`` per call), ``beta`` per byte (or
         ``call_beta[kind]`` per byte of that kind), ``gamma`` per sparse entry, ``gamma_dense`` per dense element.
         ``gamma_sort`` per entry sorted (0 for a configured model: then the time is exactly what it was before
-        this term existed). With ``call_curve`` (``{kind: ((bytes, seconds), ...)}``, measured) each call costs what the curve of its
-        kind says for its bytes (:func:`curve_seconds`), latency and bytes together, instead."""
+        this term existed). With ``call_curve`` (``{kind: ((bytes, seconds), ...)}``, measured) each call costs
+        what the curve of its kind says for its bytes (:func:`curve_seconds`), latency and bytes together,
+        instead."""
         if call_curve:
             lat, wire = 0.0, sum(c * curve_seconds(call_curve[kind], b) for kind, c, b in self.sized)
         else:

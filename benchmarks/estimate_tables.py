@@ -1,6 +1,6 @@
 """Tables of docs/estimate.md from the runs in docs/estimate_emulated.json (or a directory of run JSONs).
 
-    python docs/estimate_tables.py docs/estimate_emulated.json
+    python benchmarks/estimate_tables.py docs/estimate_emulated.json
 
 Per configuration (rate, parameters) and row: the median over runs of the predicted and the measured time, and
 the median and range of the runs' ratios measured/predicted, for the model before (``before_*`` runs: main before
@@ -55,8 +55,8 @@ def table(runs: dict, config: str) -> str:
         lines.append(
             f"| {row['exchange']} | {row['density']:g} | {row['collective']} | {row['bytes'] / 1e6:.3f} | "
             f"{cell([x['measured_s'] / conf[key] for x in a])} | "
-            + (f"{med(x['predicted_s'] for x in b) * 1e3:.1f} | {cell([x['measured_s'] / x['predicted_s'] for x in b])} | "
-               if b else "- | - | ")
+            + (f"{med(x['predicted_s'] for x in b) * 1e3:.1f} | "
+               f"{cell([x['measured_s'] / x['predicted_s'] for x in b])} | " if b else "- | - | ")
             + f"{med(x['predicted_s'] for x in a) * 1e3:.1f} | {med(x['measured_s'] for x in a) * 1e3:.1f} | "
               f"{cell([x['measured_s'] / x['predicted_s'] for x in a])} |")
     return "\n".join(lines)
