@@ -367,7 +367,7 @@ def main():
         print("flushed", flushed)
     dense_bytes = a.steps * sum(ring(n, a.P) for n in opt.n)
     rec = {"method": a.method, "tag": a.tag, "args": vars(a), "final": hist[-1][1], "hist": hist,
-           "ratio": dense_bytes / total_bytes, "secs": round(time.time() - t0), "flushed": flushed}
+           "ratio": dense_bytes / total_bytes if total_bytes else None, "secs": round(time.time() - t0), "flushed": flushed}
     print(json.dumps({k: rec[k] for k in ("method", "tag", "final", "ratio", "secs")}))
     if not a.out:
         return
