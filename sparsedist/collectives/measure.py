@@ -123,9 +123,9 @@ def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float
     fastest of 3 (small kernels, mostly in cache). With it: the kernels of a sparse sum at that size, the median
     of ``3 * repeats`` after two warm-up calls -- what the allgather does per received entry: decode a payload of
     ``WORK_DENSITY * work_numel`` distinct random positions (int32 index + fp32 value) and scatter-add it into a
-    fresh zeroed vector of ``work_numel``; a zero-fill plus an add of ``work_numel`` elements (two dense passes); and the
-    coalescing of the same number of unsorted positions into a sorted stream (what SparCML's algorithms do with
-    their input first: :func:`~sparsedist.collectives.streams.coalesce`).
+    fresh zeroed vector of ``work_numel``; a zero-fill plus an add of ``work_numel`` elements (two dense passes);
+    and the coalescing of the same number of unsorted positions into a sorted stream (what SparCML's algorithms do
+    with their input first: :func:`~sparsedist.collectives.streams.coalesce`).
     """
     g = torch.Generator().manual_seed(0)
     if work_numel is None:

@@ -20,7 +20,7 @@ Per parameter, in a fixed order (the optimizer's), one collective at a time:
 If any summed value is not finite (some rank overflowed), every ``p.grad`` keeps the non-finite sums, so
 ``GradScaler`` skips the step, and no residual changes. It is what the DDP hook does, one parameter at a time and
 without overlap; :func:`local_selection` and :func:`commit_residual` are the per-rank half, shared with the
-in-process simulation of ``benchmarks/adam_exchange.py``.
+in-process simulation of ``benchmarks/adam_sim.py``.
 """
 
 from __future__ import annotations
