@@ -56,8 +56,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsedist
 import sparsedist.dist
-import sparsedist.optim
 import sparsedist.nn as snn
+import sparsedist.optim
 from sparsedist.collectives.backend import ring_allreduce_bytes
 from sparsedist.datasets import tinyshakespeare
 from sparsedist.hook import COLLECTIVES
@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.001)
     p.add_argument("--warmup-steps", type=int, default=50, help="DGC density warm-up")
     p.add_argument("--clip-norm", type=float, default=1.0,
-                   help="DGC's local gradient clipping (Lin et al. 2018 clip before accumulating; 0: off)")
+                   help="DGC's local gradient clipping (Lin et al. 2018 clip before accumulating; 0: off); with "
+                        "--sparse-adamw its max_grad_norm")
     p.add_argument("--dgc-lr-factor", type=float, default=30.0,
                    help="DGC trains with momentum SGD (momentum inside DGC): its learning rate is --lr times this")
     p.add_argument("--granularity", choices=["layer", "bucket"],
