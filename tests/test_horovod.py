@@ -169,7 +169,7 @@ def test_exchange_aware_optimizer_sends_its_update_as_the_reference_does(results
     wire, bit for bit what ReferenceExchange computes (at 3 ranks Horovod's ring sums the warm-up in another
     order), with identical ranks."""
     world = len(results)
-    for kind in ("adamw", "sgd"):
+    for kind in ("adamw", "sgd", "adamw-reset"):  # adamw-reset: error reset, consolidated every 3 sparse steps
         for r in results:
             hvd_flat, ref = r["optim"][(kind, "horovod")], r["optim"][(kind, "reference")]
             assert torch.equal(hvd_flat, results[0]["optim"][(kind, "horovod")]), kind
@@ -180,6 +180,7 @@ def test_exchange_aware_optimizer_sends_its_update_as_the_reference_does(results
             stats = r["optim"][(kind, "stats")]
             assert stats["optimizer"]["warmup_steps"] == 2 and stats["optimizer"]["warmup_over"], stats
             assert stats["collectives"].get("allgather", 0) == 4, stats  # 6 steps: 2 dense, 4 sparse
+            assert stats["optimizer"]["consolidations"] == (1 if kind == "adamw-reset" else 0), stats
 
 
 def test_optimizer_api(results):
@@ -329,9 +330,11 @@ def test_errors_single_process_and_import_guard():
     assert proc.stdout.count("ok ") == 19, proc.stdout
 
 
-def test_error_reset_is_refused_by_name():
-    """sparsedist.optim's error reset binds to the DDP hook and ReferenceExchange only (before Horovod starts)."""
+def test_error_reset_needs_the_module():
+    """Error reset localises the model's parameters in a forward pre-hook: named parameters alone are refused,
+    before Horovod starts."""
     import sparsedist.horovod as shvd
     import sparsedist.optim as so
-    with pytest.raises(ValueError, match="does not support error_reset=True"):
-        shvd.DistributedOptimizer(so.AdamW(torch.nn.Linear(2, 2).parameters(), error_reset=True))
+    layer = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="pass named_parameters=model"):
+        shvd.DistributedOptimizer(so.AdamW(layer.parameters(), error_reset=True), layer.named_parameters())

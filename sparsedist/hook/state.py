@@ -134,7 +134,8 @@ class SparsifyState:
         """Error reset (:mod:`sparsedist.optim.error_reset`): the optimizer localises the model's parameters by
         this state's residuals (keyed by parameter name) before each training forward pass."""
         opts = self.options
-        why = ("the model itself is needed (register on the DDP model)" if module is None
+        why = ("the model itself is needed (register on the DDP model; Horovod: named_parameters=model)"
+               if module is None
                else "error feedback is off (the local model is the consensus minus the residual)"
                if not self.feedback.enabled
                else "granularity='bucket' keys residuals by bucket" if opts.granularity != "layer"

@@ -109,10 +109,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if (isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int)
                 or backward_passes_per_step < 1):
             raise ValueError(f"backward_passes_per_step must be an int >= 1, got {backward_passes_per_step!r}")
-        if getattr(optimizer, "error_reset", False):
-            raise ValueError("sparsedist.horovod.DistributedOptimizer does not support error_reset=True (the local "
-                             "models of sparsedist.optim.error_reset are bound by the DDP hook and ReferenceExchange "
-                             "only); build the optimizer with error_reset=False")
+        if getattr(optimizer, "error_reset", False) and not isinstance(named_parameters, torch.nn.Module):
+            raise ValueError("error_reset=True localises the model's parameters in a forward pre-hook: pass "
+                             "named_parameters=model (the nn.Module itself)")
         check_initialized()
         comp, exchange = split_options(compressor, options, refused=_HOROVOD_ONLY,
                                        caller="sparsedist.horovod.DistributedOptimizer")
@@ -298,6 +297,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     n = p.numel()
                     p.grad.copy_(flat[offset:offset + n].view(p.grad.shape))
                     offset += n
+        if exchange_aware(self.optimizer):  # error reset: every gradient was taken at the local model
+            self.optimizer.restore_consensus()
         self._passes.clear()
         self._synchronized = True
 

@@ -27,7 +27,8 @@ plain optimizer on densely averaged gradients first.
 each rank computes its gradient at its *local model*, the consensus parameters minus its own error-feedback
 residual, so it sees its pending update at once instead of hundreds of steps later at 0.1 % density. An exchange
 that keeps residuals by parameter name binds them with ``optimizer.attach_exchange(named, residuals, backend,
-module)`` (the DDP hook and :class:`ReferenceExchange` do; FSDP2 and Horovod refuse the option): the optimizer then
+module)`` (the DDP hook, :class:`ReferenceExchange` and the Horovod optimizer given the module do; FSDP2
+refuses the option): the optimizer then
 localises the parameters in a forward pre-hook of ``module`` (training passes only, once per step) and puts the
 consensus back, exactly, in ``step()``, so between steps every rank holds the same parameters.
 ``optimizer.consolidate()`` (a collective; ``sync_every=N`` calls it every N sparse steps) makes the mean of the

@@ -187,8 +187,9 @@ class ExchangeOptimizer(torch.optim.Optimizer):
         dense = self.exchange_is_dense()
         if self.error_reset and not dense and self._local is None:
             raise RuntimeError(f"{type(self).__name__}(error_reset=True): no exchange bound its residuals; error "
-                               f"reset runs with the sparsedist DDP hook (register(..., optimizer=opt)) or a "
-                               f"ReferenceExchange, not under FSDP2 or Horovod")
+                               f"reset runs with the sparsedist DDP hook (register(..., optimizer=opt)), "
+                               f"sparsedist.horovod.DistributedOptimizer(opt, model) or a ReferenceExchange, not "
+                               f"under FSDP2")
         lr_changed = False
         if dense and self.max_grad_norm is not None:
             with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]

@@ -159,14 +159,16 @@ def sc_optim(rank, size):
     """sparsedist.optim's AdamW and SGD (exchange-aware: the update goes on the wire, 2 dense warm-up steps) through
     the Horovod optimizer, against sparsedist.optim.ReferenceExchange over torch.distributed, 6 steps."""
     out = {}
-    for kind in ("adamw", "sgd"):
+    for kind in ("adamw", "sgd", "adamw-reset"):
         for path in ("horovod", "reference"):
             model = Net()
             base = (so.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1, warmup_steps=2,
-                             max_grad_norm=1.0) if kind == "adamw" else
+                             max_grad_norm=1.0, error_reset=kind == "adamw-reset", sync_every=3 if
+                             kind == "adamw-reset" else None) if kind.startswith("adamw") else
                     so.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, warmup_steps=2))
-            if path == "horovod":
-                opt = DistributedOptimizer(base, model.named_parameters(), "topk", density=0.1)
+            if path == "horovod":  # error reset localises the module's parameters: it needs the module
+                opt = DistributedOptimizer(base, model if base.error_reset else model.named_parameters(), "topk",
+                                           density=0.1)
             else:
                 opt, exchange = base, so.ReferenceExchange(model, base, density=0.1)
             for x, y in _batches(rank, 6):
