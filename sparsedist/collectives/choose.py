@@ -45,31 +45,38 @@ __all__ = ["ALGORITHMS", "EXACT_ALGORITHMS", "PRIMITIVES", "CostModel", "Predict
 PRIMITIVES = ("allreduce", "allgather", "sendrecv", "alltoall")
 
 
+def _finite_at_least_zero(v) -> bool:
+    """A real number (not a bool), finite and >= 0 (NaN fails)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and not math.isinf(v)
+
+
+def _valid_curve(pts) -> bool:
+    """At least two ``(bytes, seconds)`` points of finite numbers >= 0, bytes increasing."""
+    return (isinstance(pts, (list, tuple)) and len(pts) >= 2
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(map(_finite_at_least_zero, p)) for p in pts)
+            and all(b1 > b0 for (b0, _), (b1, _) in zip(pts, pts[1:])))
+
+
+def _each_kind(costs: dict | None, what: str, shape: str) -> list[tuple[str, object]]:
+    """``(kind, value)`` for every primitive kind of ``costs`` (none if it is None); a TypeError unless a dict."""
+    if costs is None:
+        return []
+    if not isinstance(costs, dict):
+        raise TypeError(f"{what} must be a dict {{primitive: {shape}}}, got {type(costs).__name__}")
+    return [(kind, costs.get(kind)) for kind in PRIMITIVES]
+
+
 def _check_per_kind(costs: dict | None, what: str, unit: str) -> None:
     """Every primitive kind needs a finite cost >= 0 in ``costs`` (if given)."""
-    if costs is None:
-        return
-    if not isinstance(costs, dict):
-        raise TypeError(f"{what} must be a dict {{primitive: {unit}}}, got {type(costs).__name__}")
-    for kind in PRIMITIVES:
-        v = costs.get(kind)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or math.isinf(v):
+    for kind, v in _each_kind(costs, what, unit):
+        if not _finite_at_least_zero(v):
             raise ValueError(f"{what}[{kind!r}] must be {unit} >= 0 (one for each of {PRIMITIVES}), got {v!r}")
 
 
 def _check_curve(curve: dict | None, what: str) -> None:
     """Every primitive kind needs at least two ``(bytes, seconds)`` points, bytes increasing, finite values >= 0."""
-    if curve is None:
-        return
-    if not isinstance(curve, dict):
-        raise TypeError(f"{what} must be a dict {{primitive: ((bytes, seconds), ...)}}, got {type(curve).__name__}")
-    for kind in PRIMITIVES:
-        pts = curve.get(kind)
-        ok = isinstance(pts, (list, tuple)) and len(pts) >= 2 and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and not math.isinf(v) for v in p)
-            for p in pts)
-        if not ok or any(b1 <= b0 for (b0, _), (b1, _) in zip(pts, pts[1:])):
+    for kind, pts in _each_kind(curve, what, "((bytes, seconds), ...)"):
+        if not _valid_curve(pts):
             raise ValueError(f"{what}[{kind!r}] must be at least two (bytes, seconds) points with increasing bytes "
                              f"and finite values >= 0 (one curve for each of {PRIMITIVES}), got {pts!r}")
 
@@ -267,7 +274,7 @@ class CostModel:
     def __post_init__(self):
         for name in ("alpha", "beta", "gamma", "gamma_dense", "gamma_sort"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or math.isinf(v):
+            if not _finite_at_least_zero(v):
                 raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {v!r}")
         for name, unit in (("call_latency", "seconds per call"), ("call_beta", "seconds per byte")):
             if getattr(self, name) is not None and self.world_size is None:

@@ -297,8 +297,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     n = p.numel()
                     p.grad.copy_(flat[offset:offset + n].view(p.grad.shape))
                     offset += n
-        if exchange_aware(self.optimizer):  # error reset: every gradient was taken at the local model
-            self.optimizer.restore_consensus()
+        restore = getattr(self.optimizer, "restore_consensus", None)  # sparsedist.optim's error reset
+        if restore is not None:  # every gradient was taken at the local model: the consensus back
+            restore()
         self._passes.clear()
         self._synchronized = True
 
