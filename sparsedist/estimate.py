@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -41,6 +39,7 @@ import torch
 from .collectives import Backend, CostModel, probe, sparse_allreduce
 from .collectives.allgather import Allgather
 from .collectives.dense import ValuesAllreduce
+from .collectives.measure import mean_seconds
 
 __all__ = ["Row", "parse_count", "parse_rate", "parse_seconds", "link_model", "probe_model", "estimate", "measure",
            "verdict", "format_rows", "as_dicts", "buckets", "SPARSE_COLLECTIVES", "SELECT_PASSES",
@@ -60,6 +59,9 @@ PROBE_SIZES = (1, 2**12, 2**16, 2**20, 2**22)
 #: bytes in an allgather, a send/recv or an all-to-all, e.g. 32 kB to 8 MB at 2 ranks): from a 0.1 % row's
 #: allgather up to the largest probe size, which :func:`probe_model` caps as :data:`PROBE_SIZES`.
 CALL_SIZES = (2**14, 2**16, 2**18, 2**20, 2**22)
+#: Seconds of timed repeats (the ranks' mean) that :func:`measure` spends at least on each row: a latency-bound
+#: exchange of a few milliseconds gets dozens of repeats, a long one ``repeats`` (``mean_seconds``).
+MEASURE_BUDGET_S = 1.0
 #: TCP payload per byte of link rate: 1448 payload bytes per 1514-byte Ethernet frame (IPv4, TCP timestamps).
 WIRE_EFFICIENCY = 1448 / 1514
 
@@ -272,20 +274,12 @@ def verdict(rows: list[Row], compute_s: float | None = None, margin: float = 0.1
     return head + "Compression will not help: the step is bound by computation. Use plain DDP."
 
 
-def _timed(backend: Backend, fn, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls, each started together on every rank."""
-    def once() -> float:
-        backend.barrier()
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return statistics.median([once() for _ in range(repeats)])
-
-
 def measure(rows: list[Row], numel: int, backend: Backend, *, repeats: int = 3, bucket_mb: float = 25.0,
             seed: int = 0) -> list[Row]:
     """Time each row's exchange on ``backend`` (every rank must call, with the same arguments); fills
-    ``measured_s`` with the median over ``repeats`` of the whole step (all buckets), averaged over ranks.
+    ``measured_s`` with the mean seconds of the whole step (all buckets), averaged over ranks: at least
+    ``repeats`` timings, more until :data:`MEASURE_BUDGET_S` (the mean, because that is what adds up over a
+    run's steps; :func:`~sparsedist.collectives.measure.mean_seconds`).
 
     Each row runs the code the hook runs for it, local work included: dense and fp16 a ``Backend.allreduce`` of
     the bucket; the index-carrying rows :func:`sparsedist.collectives.sparse_allreduce` with each rank's own random
@@ -321,7 +315,8 @@ def measure(rows: list[Row], numel: int, backend: Backend, *, repeats: int = 3, 
         if row.collective == "gtopk" or backend.size == 1:
             continue
         run(row)  # warm-up: connections, allocations
-        seconds = torch.tensor([_timed(backend, lambda: run(row), repeats)], dtype=torch.float64)
+        seconds = torch.tensor([mean_seconds(backend, lambda: run(row), repeats, MEASURE_BUDGET_S)],
+                               dtype=torch.float64)
         row.measured_s = float(backend.allreduce(seconds)) / backend.size
     return rows
 

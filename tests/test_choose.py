@@ -57,6 +57,15 @@ def test_predictions_follow_the_formulas():
     # with identical supports recursive doubling sends k entries per round, log2 P rounds
     same = predict(n, k, P, alpha=1e-5, beta=1e-9, union_nnz=k)["ssar_recursive_double"]
     assert same.bytes == pytest.approx(3 * (8 + 8 + k * 8))
+    # local work as the code does it: SparCML's merges sort both streams (torch.unique), recursive doubling writes
+    # its sparse result entry by entry into a zeroed vector, SSAR split scans its range's flags for the support
+    rd = predict(n, k, 2, alpha=0, beta=0)["ssar_recursive_double"]
+    assert (rd.sort_work, rd.sparse_work, rd.dense_work) == pytest.approx((k + 2 * k, expected_union(n, k, 2), n))
+    dense_rd = predict(n, n // 2 + 1, 2, alpha=0, beta=0)["ssar_recursive_double"]
+    assert dense_rd.sparse_work == 0 and dense_rd.dense_work == pytest.approx(2 * n + 2 * n)
+    split = predict(n, k, 2, alpha=0, beta=0)
+    assert split["ssar_split_allgather"].dense_work - split["dsar_split_allgather"].dense_work == \
+        pytest.approx(n / 2 - n)  # SSAR: the flag scan of n/P; DSAR: the dense result of n instead
     # Ok-Topk's volume stays under 6k(P-1)/P words (plus headers) and far under allgather's
     assert pr["gtopk"].bytes < 4 * 6 * k * (P - 1) / P + 64 * (P - 1)
     assert pr["gtopk"].bytes < pr["allgather"].bytes / 2

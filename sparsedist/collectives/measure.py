@@ -2,9 +2,10 @@
 
 Two kinds of timing. The link's ``alpha``/``beta`` fit and the per-call latencies take the fastest of their
 repeats (contention only ever adds time; at the first step of a ``collective="auto"`` job the probe must be
-cheap and stable). The optional per-primitive bandwidths (``call_beta``) and the local work at a real bucket's
-size (``work_numel``) take the median, as ``sparsedist.estimate.measure`` does for a whole exchange: they are
-meant to predict what a step typically costs on this host, load included.
+cheap and stable). The optional per-primitive curves and bandwidths (``call_sizes``, ``call_beta``) and the local
+work at a real bucket's size (``work_numel``) take the mean (:func:`mean_seconds`), as
+``sparsedist.estimate.measure`` does for a whole exchange: they are meant to predict what a step costs on average
+on this host, load included, and the times of a step's calls add up.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from .choose import PRIMITIVES, CostModel
 from .streams import coalesce
 from .wire import decode, encode
 
-__all__ = ["probe", "WORK_DENSITY"]
+__all__ = ["probe", "mean_seconds", "WORK_DENSITY", "CALL_BUDGET_S"]
 
 #: Entries per element of the decode and scatter-add that ``probe(work_numel=n)`` times: 10 % of ``n``, the densest
 #: of the default densities of ``python -m sparsedist estimate`` (where local work is largest).
 WORK_DENSITY = 0.1
+#: Seconds of timed calls (the ranks' mean) that :func:`probe` spends at least on each point of a per-primitive
+#: curve: small calls are cheap and their latency varies most (see :func:`mean_seconds`), so they get many repeats.
+CALL_BUDGET_S = 0.25
 
 
 def _times(backend: Backend | None, op, repeats: int) -> list[float]:
@@ -37,6 +41,27 @@ def _times(backend: Backend | None, op, repeats: int) -> list[float]:
         op()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def mean_seconds(backend: Backend | None, op, repeats: int, budget_s: float = 0.0, max_repeats: int = 200) -> float:
+    """Mean seconds of one call of ``op`` on this rank, each call started together on every rank (a barrier first).
+
+    At least ``repeats`` calls, then further rounds of ``repeats`` while the calls so far took less than
+    ``budget_s`` in total (the ranks' mean, agreed by an allreduce, so every rank makes the same number of calls)
+    and fewer than ``max_repeats`` were made. The mean and not the median: the times of a step's calls add up, and
+    so do their means, not their medians. A call's latency can be a mixture of modes -- on a host whose scheduler
+    wakes a waiting thread at the next tick, a 0.3 ms call takes 4 ms in a good share of calls -- whose median
+    jumps from one mode to the other between runs while the mean moves with the share.
+    """
+    times = _times(backend, op, repeats)
+    while budget_s > 0 and len(times) < max_repeats:
+        spent = sum(times)
+        if backend is not None and backend.size > 1:  # every rank decides alike, or the collectives deadlock
+            spent = float(backend.allreduce(torch.tensor([spent], dtype=torch.float64))) / backend.size
+        if spent >= budget_s:
+            break
+        times += _times(backend, op, repeats)
+    return statistics.fmean(times)
 
 
 def _fit_link(backend: Backend, sizes, repeats: int, dev) -> tuple[float, float, dict]:
@@ -77,21 +102,22 @@ def _primitives(backend: Backend, numel: int, dev) -> dict:
 
 
 def _sized_calls(backend: Backend, numels, repeats: int, dev) -> dict:
-    """Median seconds of one call of each primitive kind at each of ``numels`` fp32 elements (as
-    :func:`_primitives` moves them): ``{numel: [(modelled bytes, seconds) per kind]}``. A call moving under 1 MB
-    is cheap and, on a loaded host, noisy: it gets ``3 * repeats`` timings instead of ``repeats``."""
+    """Mean seconds of one call of each primitive kind at each of ``numels`` fp32 elements (as
+    :func:`_primitives` moves them), after a warm-up call: ``{numel: [(modelled bytes, seconds) per kind]}``.
+    At least ``repeats`` timings each, more until :data:`CALL_BUDGET_S` (:func:`mean_seconds`)."""
     out = {}
     for n in numels:
         row = []
         for op, b in _primitives(backend, int(n), dev).values():
-            row.append((b, statistics.median(_times(backend, op, (repeats if b > 2**20 else 3 * repeats) + 1)[1:])))
-        out[int(n)] = row  # the first call of each warms up
+            _times(backend, op, 1)  # warm-up
+            row.append((b, mean_seconds(backend, op, repeats, CALL_BUDGET_S)))
+        out[int(n)] = row
     return out
 
 
 def _isotonic(ys: list[float]) -> list[float]:
     """The non-decreasing sequence closest to ``ys`` in least squares (pool adjacent violators): a larger call
-    never costs less, and one noisy median is averaged with its neighbours instead of lifting every later point."""
+    never costs less, and one noisy point is averaged with its neighbours instead of lifting every later point."""
     blocks = []  # [mean, count]
     for y in ys:
         blocks.append([y, 1])
@@ -120,7 +146,7 @@ def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float
     sorted; only with ``work_numel``, else 0).
 
     Without ``work_numel``: ``torch.unique`` and a scatter-add of 131072 entries, an add of ``2**20`` elements, the
-    fastest of 3 (small kernels, mostly in cache). With it: the kernels of a sparse sum at that size, the median
+    fastest of 3 (small kernels, mostly in cache). With it: the kernels of a sparse sum at that size, the mean
     of ``3 * repeats`` after two warm-up calls -- what the allgather does per received entry: decode a payload of
     ``WORK_DENSITY * work_numel`` distinct random positions (int32 index + fp32 value) and scatter-add it into a
     fresh zeroed vector of ``work_numel``; a zero-fill plus an add of ``work_numel`` elements (two dense passes);
@@ -149,7 +175,7 @@ def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float
     sparse = _times(None, lambda: scatter_add(torch.zeros(n, device=dev), *decode(payload, torch.float32)), r)[2:]
     dense = _times(None, lambda: torch.zeros(n, device=dev).add_(ones), r)[2:]
     sort = _times(None, lambda: coalesce(idx, val), r)[2:]
-    return statistics.median(sparse) / m, statistics.median(dense) / (2 * n), statistics.median(sort) / m
+    return statistics.fmean(sparse) / m, statistics.fmean(dense) / (2 * n), statistics.fmean(sort) / m
 
 
 def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5, local_work: bool = True,
@@ -167,17 +193,18 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
     Two optional measurements make the model predict a real exchange more closely (``python -m sparsedist
     estimate --probe`` asks for both; each costs a few calls at ``max(sizes)``, seconds on a slow link):
 
-    * ``call_beta``: one call of each primitive moving about ``max(sizes)`` fp32 elements, the median of
+    * ``call_beta``: one call of each primitive moving about ``max(sizes)`` fp32 elements, the mean of
       ``repeats``; seconds per byte of each kind (the tiny call's latency subtracted), which the model then uses
       instead of ``beta`` at this world size. gloo's allgather and its concurrent send/recv and all-to-all need
       not reach the link rate its ring allreduce reaches (docs/estimate.md).
     * ``work_numel``: ``gamma`` and ``gamma_dense`` timed on kernels of that size (a real bucket's length), the
-      median of ``3 * repeats``, instead of the small kernels: the allgather's decode and scatter-add of received
+      mean of ``3 * repeats``, instead of the small kernels: the allgather's decode and scatter-add of received
       entries into a vector of 16 MB misses the caches that the small kernels hit. Also ``gamma_sort``: the
       coalescing sort of as many unsorted positions, which SparCML's algorithms do with their input first (and
       which no other term prices; 0 without ``work_numel``).
     * ``call_sizes``: each primitive timed at each of these sizes (fp32 elements, as the tiny call and
-      ``call_beta`` move them), the median of ``repeats`` (``3 * repeats`` below 1 MB), and at 2 elements: a
+      ``call_beta`` move them), the mean of at least ``repeats`` and until :data:`CALL_BUDGET_S`
+      (:func:`mean_seconds`), and at 2 elements: a
       curve of seconds against bytes per call for each kind (``CostModel.call_curve``), which then prices every
       call at its own size. On a TCP link the rate depends on the size: an allgather or a send/recv of 0.1-0.5 MB
       reached the link rate, one of 8 MB 0.55-0.8 of it (docs/estimate.md), which neither one ``call_beta`` nor
@@ -196,7 +223,7 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
 
     Returns:
         A :class:`CostModel`; ``measured`` holds this rank's fastest time per size (``allreduce_s``) and, with
-        ``call_beta``, each primitive's modelled bytes and median seconds (``call_s``), averaged over ranks;
+        ``call_beta``, each primitive's modelled bytes and mean seconds (``call_s``), averaged over ranks;
         with ``call_sizes``, ``call_curve`` the curves.
     """
     if len(set(sizes)) < 2 or repeats < 1:
@@ -229,7 +256,8 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
             nbytes, big = (list(x) for x in zip(*sized[int(max(sizes))]))
         else:
             for j, (op, b) in enumerate(_primitives(backend, int(max(sizes)), dev).values()):
-                big[j] = statistics.median(_times(backend, op, repeats + 1)[1:])  # the first call warms up
+                _times(backend, op, 1)  # warm-up
+                big[j] = mean_seconds(backend, op, repeats)
                 nbytes[j] = b
     curve_t = [t for row in sized.values() for _, t in row]
     params = torch.tensor([alpha, beta, gamma, gamma_dense] + calls + big + [gamma_sort] + curve_t,

@@ -165,7 +165,9 @@ class SSARRecursiveDouble(_SparCML):
     """SSAR_Recursive_double. Cost: ``log2 P'`` rounds of ``2`` alphas and ``8 + block(U(c_r))`` bytes,
     ``c_r = min(P, f 2^r)`` inputs per stream (``f = 2`` when ``P`` is not a power of two: the fold-in doubles
     the busiest streams); plus fold-in ``8 + block(k)`` and fold-out ``8 + block(U(P))`` when ``P != P'``. Each
-    size message and payload is one call; coalescing the (unsorted) input sorts ``k`` entries."""
+    size message and payload is one call; coalescing the (unsorted) input sorts ``k`` entries, and so does every
+    merge of two sparse streams (``torch.unique`` of both); the result is written into a zeroed vector entry by
+    entry (or copied, once dense)."""
 
     name = "ssar_recursive_double"
     algorithm = staticmethod(ssar_recursive_double)
@@ -178,7 +180,7 @@ class SSARRecursiveDouble(_SparCML):
         sheet.sort += c.k  # coalescing the unsorted input into a stream
         if p2 != P:
             sheet.step(2, SIZE_BYTES + c.block(c.k, n), "sendrecv", 2, parts=(SIZE_BYTES, c.block(c.k, n)))
-            sheet.sparse += 2 * c.k
+            sheet.sort += 2 * c.k  # merging the folded-in stream
         r = 0
         while (1 << r) < p2:
             inputs = min(P, f << r)
@@ -187,11 +189,15 @@ class SSARRecursiveDouble(_SparCML):
             if c.U(min(P, 2 * inputs)) > c.delta * n or m > c.delta * n:
                 sheet.dense += 2 * n
             else:
-                sheet.sparse += 2 * m
+                sheet.sort += 2 * m  # the merge sorts both streams' entries
             r += 1
         if p2 != P:
             sheet.step(2, SIZE_BYTES + c.block(c.U(P), n), "sendrecv", 2, parts=(SIZE_BYTES, c.block(c.U(P), n)))
-        sheet.dense += n
+        sheet.dense += n  # the zeroed result
+        if c.U(P) > c.delta * n:
+            sheet.dense += n
+        else:
+            sheet.sparse += c.U(P)  # written entry by entry
 
 
 def split_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
@@ -219,7 +225,8 @@ class _Split(_SparCML):
 
 class SSARSplitAllgather(_Split):
     """SSAR_Split_allgather. Cost: the split phase, then the reduced ranges' sizes, ``(P-1)*8`` bytes, and a
-    ring allgatherv of ``(P-1)*block(U(P)/P)`` bytes (a range past SparCML's delta travels dense)."""
+    ring allgatherv of ``(P-1)*block(U(P)/P)`` bytes (a range past SparCML's delta travels dense); locally, finding
+    the reduced range's support (a pass over ``n/P`` flags) and writing the ``U(P)`` entries received."""
 
     name = "ssar_split_allgather"
     algorithm = staticmethod(ssar_split_allgather)
@@ -228,6 +235,7 @@ class SSARSplitAllgather(_Split):
     def second_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
         sheet.step(c.P - 1, (c.P - 1) * SIZE_BYTES, "allgather")
         sheet.step(c.P - 1, (c.P - 1) * c.block(c.U(c.P) / c.P, c.n / c.P), "sendrecv", c.P - 1)
+        sheet.dense += c.n / c.P
         sheet.sparse += c.U(c.P)
 
 
