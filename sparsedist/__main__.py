@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure alpha/beta and local-work costs on this job's process group (run under a launcher)")
     e.add_argument("--measure", action="store_true",
                    help="also time every exchange on this job's process group (run under a launcher)")
-    e.add_argument("--repeats", type=int, default=3, help="timed repeats per exchange with --measure (at least; more until 1 s per exchange; "
-                        "the mean)")
+    e.add_argument("--repeats", type=int, default=3,
+                   help="timed repeats per exchange with --measure (at least; more until 1 s per exchange; the mean)")
     e.add_argument("--json", type=Path, help="also write the rows, the model and the verdict here (rank 0)")
     return p
 
