@@ -3,9 +3,9 @@
     python benchmarks/estimate_tables.py docs/estimate_emulated.json
 
 Per configuration (rate, parameters) and row: the median over runs of the predicted and the measured time, and
-the median and range of the runs' ratios measured/predicted, for the model before (``before_*`` runs: main before
-the per-call curves) and after (``after_*``); the configured model (``--link RATE``) against the after runs'
-measurements. **Bold**: every run's ratio within 25 %.
+the median and range of the runs' ratios measured/predicted, for the model before (``before_*`` runs: the earlier
+code, named in the JSON's note) and after (``after_*``); the configured model (``--link RATE``) against the after
+runs' measurements. **Bold**: every run's ratio within 25 %.
 """
 
 from __future__ import annotations
