@@ -63,3 +63,26 @@ def test_a_mixture_of_call_times_gives_its_mean_not_its_median():
     op = _Clock(None, [0.001, 0.001, 0.009])  # two fast calls, then a slow one (a scheduler tick, say)
     mean = mean_seconds(None, op, repeats=3)
     assert mean == pytest.approx((0.001 + 0.001 + 0.009) / 3, abs=0.002)  # the median would say 0.001
+
+
+class _Recorder:
+    """A stand-in backend of world size 2 whose other rank spent as long as this one; records where the agreement
+    tensor lived."""
+
+    size = 2
+
+    def __init__(self):
+        self.devices = []
+
+    def barrier(self):
+        pass
+
+    def allreduce(self, t):
+        self.devices.append(t.device.type)
+        return torch.full((1,), 2 * 1e-3, dtype=torch.float64)  # 1 ms spent so far on each rank
+
+
+def test_the_agreement_tensor_lives_on_the_backends_device():
+    be = _Recorder()
+    mean_seconds(be, lambda: None, repeats=2, budget_s=0.5, max_repeats=6, device="meta")
+    assert be.devices == ["meta", "meta"], "a GPU backend (NCCL) needs the tensor it reduces on the GPU"

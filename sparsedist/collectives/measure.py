@@ -43,7 +43,8 @@ def _times(backend: Backend | None, op, repeats: int) -> list[float]:
     return times
 
 
-def mean_seconds(backend: Backend | None, op, repeats: int, budget_s: float = 0.0, max_repeats: int = 200) -> float:
+def mean_seconds(backend: Backend | None, op, repeats: int, budget_s: float = 0.0, max_repeats: int = 200,
+                 device: torch.device | str | None = None) -> float:
     """Mean seconds of one call of ``op`` on this rank, each call started together on every rank (a barrier first).
 
     At least ``repeats`` calls, then further rounds of ``repeats`` while the calls so far took less than
@@ -51,13 +52,15 @@ def mean_seconds(backend: Backend | None, op, repeats: int, budget_s: float = 0.
     and fewer than ``max_repeats`` were made. The mean and not the median: the times of a step's calls add up, and
     so do their means, not their medians. A call's latency can be a mixture of modes -- on a host whose scheduler
     wakes a waiting thread at the next tick, a 0.3 ms call takes 4 ms in a good share of calls -- whose median
-    jumps from one mode to the other between runs while the mean moves with the share.
+    jumps from one mode to the other between runs while the mean moves with the share. ``device``: where the
+    ranks' agreement tensor lives (the backend's device, e.g. the GPU for NCCL; default CPU).
     """
     times = _times(backend, op, repeats)
     while budget_s > 0 and len(times) < max_repeats:
         spent = sum(times)
         if backend is not None and backend.size > 1:  # every rank decides alike, or the collectives deadlock
-            spent = float(backend.allreduce(torch.tensor([spent], dtype=torch.float64))) / backend.size
+            total = torch.tensor([spent], dtype=torch.float64, device=device)
+            spent = float(backend.allreduce(total)) / backend.size
         if spent >= budget_s:
             break
         times += _times(backend, op, repeats)
@@ -110,7 +113,7 @@ def _sized_calls(backend: Backend, numels, repeats: int, dev) -> dict:
         row = []
         for op, b in _primitives(backend, int(n), dev).values():
             _times(backend, op, 1)  # warm-up
-            row.append((b, mean_seconds(backend, op, repeats, CALL_BUDGET_S)))
+            row.append((b, mean_seconds(backend, op, repeats, CALL_BUDGET_S, device=dev)))
         out[int(n)] = row
     return out
 
