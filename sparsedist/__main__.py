@@ -16,8 +16,8 @@ from pathlib import Path
 
 from . import dist as sd_dist
 from .collectives import TorchBackend
-from .estimate import (DEFAULT_DENSITIES, WIRE_EFFICIENCY, as_dicts, estimate, format_rows, link_model, measure,
-                       parse_count, parse_rate, parse_seconds, probe_model, verdict)
+from .estimate import (DEFAULT_DENSITIES, WIRE_EFFICIENCY, as_dicts, estimate, format_curves, format_rows, link_model,
+                       measure, parse_count, parse_rate, parse_seconds, probe_model, verdict)
 
 
 def _densities(text: str) -> list[float]:
@@ -109,6 +109,8 @@ def estimate_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                                                     for kind, b in model.call_beta.items()) + " Gbit/s)"
         print(f"{args.params / 1e6:g}M fp32 parameters, {ranks} ranks, {link}; selection at {args.memory_gbps:g} GB/s "
               f"per pass over the gradient (--memory-gbps: 4 is one CPU core, ~1000 a GPU)")
+        if args.probe and model.call_curve:
+            print(format_curves(model))
         print(format_rows(rows))
         print(text)
         if args.json:

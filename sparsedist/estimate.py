@@ -42,7 +42,7 @@ from .collectives.dense import ValuesAllreduce
 from .collectives.measure import mean_seconds
 
 __all__ = ["Row", "parse_count", "parse_rate", "parse_seconds", "link_model", "probe_model", "estimate", "measure",
-           "verdict", "format_rows", "as_dicts", "buckets", "SPARSE_COLLECTIVES", "SELECT_PASSES",
+           "verdict", "format_rows", "format_curves", "as_dicts", "buckets", "SPARSE_COLLECTIVES", "SELECT_PASSES",
            "DEFAULT_DENSITIES", "PROBE_SIZES", "CALL_SIZES"]
 
 #: Collectives of index-carrying payloads (the hook's ``collective=`` values besides ``"auto"`` and ``"dense"``).
@@ -319,6 +319,25 @@ def measure(rows: list[Row], numel: int, backend: Backend, *, repeats: int = 3, 
                                dtype=torch.float64)
         row.measured_s = float(backend.allreduce(seconds)) / backend.size
     return rows
+
+
+def format_curves(model: CostModel) -> str:
+    """The per-call curves of a probed model (``model.call_curve``) as text, one line per primitive: milliseconds
+    per call at each measured size (bytes as the cost formulas count them); empty without curves. These, and not
+    ``call_beta``, price every call when predicting at the probed world size."""
+    if not model.call_curve:
+        return ""
+    lines = [f"ms per call at {model.world_size} ranks (interpolated between sizes):"]
+    for kind, pts in model.call_curve.items():
+        lines.append(f"  {kind:<9} " + "  ".join(f"{_size(b)} {t * 1e3:.3g}" for b, t in pts))
+    return "\n".join(lines)
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 def format_rows(rows: list[Row]) -> str:

@@ -20,8 +20,8 @@ import pytest
 
 from sparsedist.__main__ import main
 from sparsedist.collectives import CostModel, ring_allreduce_bytes
-from sparsedist.estimate import (INDEXED, PACKED, SHARED, Row, buckets, estimate, link_model, parse_count,
-                                 parse_rate, parse_seconds, verdict)
+from sparsedist.estimate import (INDEXED, PACKED, SHARED, Row, buckets, estimate, format_curves, link_model,
+                                 parse_count, parse_rate, parse_seconds, verdict)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,6 +116,16 @@ def test_verdict_says_plainly_when_compression_will_not_help():
     assert "Compression pays" in verdict(slow, compute_s=0.01)
 
 
+def test_the_probed_curves_are_printed_as_they_price_the_calls():
+    assert format_curves(link_model(1e9)) == ""  # a configured model has none
+    pts = ((8.0, 2e-4), (32768.0, 5e-4), (8e6, 0.0654))
+    model = CostModel(world_size=2, call_curve={kind: pts for kind in ("allreduce", "allgather", "sendrecv",
+                                                                       "alltoall")})
+    lines = format_curves(model).splitlines()
+    assert lines[0].startswith("ms per call at 2 ranks") and len(lines) == 5
+    assert lines[1].split() == ["allreduce", "8", "B", "0.2", "32.8", "kB", "0.5", "8", "MB", "65.4"]
+
+
 def test_command_line_prints_the_table_and_verdict(capsys, tmp_path):
     assert main(["estimate", "--params", "124M", "--ranks", "16", "--link", "25gbit", "--densities", "0.001,0.01",
                  "--json", str(tmp_path / "e.json")]) == 0
@@ -130,7 +140,8 @@ def test_command_line_prints_the_table_and_verdict(capsys, tmp_path):
     assert "--link" in capsys.readouterr().err
 
 
-_spec = importlib.util.spec_from_file_location("sparsedist_emulate_cluster_estimate", ROOT / "launch" / "emulate_cluster.py")
+_spec = importlib.util.spec_from_file_location("sparsedist_emulate_cluster_estimate",
+                                               ROOT / "launch" / "emulate_cluster.py")
 emu = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = emu
 _spec.loader.exec_module(emu)
