@@ -60,7 +60,7 @@ PROBE_SIZES = (1, 2**12, 2**16, 2**20, 2**22)
 #: allgather up to the largest probe size, which :func:`probe_model` caps as :data:`PROBE_SIZES`.
 CALL_SIZES = (2**14, 2**16, 2**18, 2**20, 2**22)
 #: Seconds of timed repeats (the ranks' mean) that :func:`measure` spends at least on each row: a latency-bound
-#: exchange of a few milliseconds gets dozens of repeats, a long one ``repeats`` (``mean_seconds``).
+#: exchange of a few milliseconds gets up to 200 repeats, a long one ``repeats`` (``mean_seconds``).
 MEASURE_BUDGET_S = 1.0
 #: TCP payload per byte of link rate: 1448 payload bytes per 1514-byte Ethernet frame (IPv4, TCP timestamps).
 WIRE_EFFICIENCY = 1448 / 1514

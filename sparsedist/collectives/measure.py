@@ -27,7 +27,7 @@ __all__ = ["probe", "mean_seconds", "WORK_DENSITY", "CALL_BUDGET_S"]
 #: of the default densities of ``python -m sparsedist estimate`` (where local work is largest).
 WORK_DENSITY = 0.1
 #: Seconds of timed calls (the ranks' mean) that :func:`probe` spends at least on each point of a per-primitive
-#: curve: small calls are cheap and their latency varies most (see :func:`mean_seconds`), so they get many repeats.
+#: curve (at most 200 calls): small calls are cheap and their latency varies most (:func:`mean_seconds`).
 CALL_BUDGET_S = 0.25
 
 
