@@ -63,9 +63,14 @@ def test_predictions_follow_the_formulas():
     assert (rd.sort_work, rd.sparse_work, rd.dense_work) == pytest.approx((k + 2 * k, expected_union(n, k, 2), n))
     dense_rd = predict(n, n // 2 + 1, 2, alpha=0, beta=0)["ssar_recursive_double"]
     assert dense_rd.sparse_work == 0 and dense_rd.dense_work == pytest.approx(2 * n + 2 * n)
-    split = predict(n, k, 2, alpha=0, beta=0)
-    assert split["ssar_split_allgather"].dense_work - split["dsar_split_allgather"].dense_work == \
-        pytest.approx(n / 2 - n)  # SSAR: the flag scan of n/P; DSAR: the dense result of n instead
+    # SSAR split merges what its range received as sparse streams while that fits under delta of the range (a sort
+    # of the k entries, no dense accumulator), past it sums densely and scans the range's n/P flags for the support
+    low = predict(n, k, 2, alpha=0, beta=0)["ssar_split_allgather"]
+    assert (low.sort_work, low.sparse_work, low.dense_work) == pytest.approx((2 * k, expected_union(n, k, 2), n))
+    k_hi = 300_000  # > delta * n / P = 250_000
+    high = predict(n, k_hi, 2, alpha=0, beta=0)["ssar_split_allgather"]
+    assert (high.sort_work, high.sparse_work, high.dense_work) == pytest.approx(
+        (k_hi, 2 * k_hi + expected_union(n, k_hi, 2), n / 2 + n + n / 2))
     # Ok-Topk's volume stays under 6k(P-1)/P words (plus headers) and far under allgather's
     assert pr["gtopk"].bytes < 4 * 6 * k * (P - 1) / P + 64 * (P - 1)
     assert pr["gtopk"].bytes < pr["allgather"].bytes / 2

@@ -37,7 +37,7 @@ from ..payload import accumulator_dtype, all_finite
 from .backend import Backend
 from .base import SIZE_BYTES, Collective, CostSheet, CostTerms, Reduced
 from .streams import Block, delta_for, prepare, recv_block, send_block, exchange_block, split_bounds_for, \
-    split_reduce, allgatherv_bytes
+    split_exchange, split_reduce, accumulate, allgatherv_bytes
 
 __all__ = ["ssar_recursive_double", "ssar_split_allgather", "dsar_split_allgather", "SSARRecursiveDouble",
            "SSARSplitAllgather", "DSARSplitAllgather"]
@@ -106,14 +106,24 @@ def ssar_split_allgather(backend: Backend, indices: torch.Tensor, values: torch.
         return values.new_zeros(0)
     delta = delta_for(dense_threshold, codec)
     bounds = split_bounds_for(backend, idx, numel, split_bounds)
-    start, length, sums, touched, _ = split_reduce(backend, codec, idx, val, bounds, delta)
-    rel = touched.nonzero().view(-1)
-    mine = Block(start, length, rel + start, sums[rel].to(codec.dtype)).densify_if(delta)
+    mine = _sum_range(codec, split_exchange(backend, codec, idx, val, bounds, delta), bounds, backend.rank, delta)
     parts = allgatherv_bytes(backend, codec.encode(mine))
     out = torch.zeros(numel, dtype=codec.dtype, device=codec.device)
     for j, buf in enumerate(parts):
         codec.decode(buf, bounds[j], bounds[j + 1] - bounds[j]).write_into(out)
     return out
+
+
+def _sum_range(codec, blocks: list, bounds: list[int], rank: int, delta: float) -> Block:
+    """The sum of the blocks this rank received for its range, in rank order: merged as sparse streams while their
+    entries together fit under SparCML's delta (the result cannot then outgrow it, and the work follows the entries,
+    not the range's length), else accumulated densely; dense past delta either way."""
+    start, length = bounds[rank], bounds[rank + 1] - bounds[rank]
+    if all(b.dense is None for b in blocks) and sum(b.nnz for b in blocks) <= delta * length:
+        return codec.sum_sparse(blocks, start, length)
+    sums, touched = accumulate(codec, blocks, start, length)
+    rel = touched.nonzero().view(-1)
+    return Block(start, length, rel + start, sums[rel].to(codec.dtype)).densify_if(delta)
 
 
 def dsar_split_allgather(backend: Backend, indices: torch.Tensor, values: torch.Tensor, numel: int,
@@ -200,22 +210,31 @@ class SSARRecursiveDouble(_SparCML):
             sheet.sparse += c.U(P)  # written entry by entry
 
 
-def split_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
-    """The reduce-scatter both split algorithms (and the global top-k) start with: sizes, then ``block(k/P)``
-    per range (``2(P-1)`` alphas), after coalescing the (unsorted) input (``k`` entries sorted)."""
+def split_exchange_cost(c: CostTerms, sheet: CostSheet) -> None:
+    """The exchange of the split algorithms' reduce-scatter: sizes, then ``block(k/P)`` per range (``2(P-1)``
+    alphas), after coalescing the (unsorted) input (``k`` entries sorted)."""
     sheet.step(c.P - 1, (c.P - 1) * SIZE_BYTES, "alltoall")
     sheet.step(c.P - 1, (c.P - 1) * c.block(c.k / c.P, c.n / c.P), "alltoall")
+    sheet.sort += c.k  # coalescing the unsorted input into a stream
+
+
+def split_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
+    """The reduce-scatter both split algorithms (and the global top-k) start with, summed into a dense accumulator
+    of the range: the exchange, then ``k`` received entries added into ``n/P`` zeroed elements (and the ``n``-long
+    zeroed result)."""
+    split_exchange_cost(c, sheet)
     sheet.sparse += 2 * c.k
     sheet.dense += c.n / c.P + c.n
-    sheet.sort += c.k  # coalescing the unsorted input into a stream
 
 
 class _Split(_SparCML):
     """A split algorithm: the reduce-scatter phase, then an allgather of the reduced ranges (its second phase)."""
 
+    first_phase_cost = staticmethod(split_phase_cost)
+
     @classmethod
     def cost(cls, c: CostTerms, sheet: CostSheet) -> None:
-        split_phase_cost(c, sheet)
+        cls.first_phase_cost(c, sheet)
         cls.second_phase_cost(c, sheet)
 
     @staticmethod
@@ -224,18 +243,28 @@ class _Split(_SparCML):
 
 
 class SSARSplitAllgather(_Split):
-    """SSAR_Split_allgather. Cost: the split phase, then the reduced ranges' sizes, ``(P-1)*8`` bytes, and a
-    ring allgatherv of ``(P-1)*block(U(P)/P)`` bytes (a range past SparCML's delta travels dense); locally, finding
-    the reduced range's support (a pass over ``n/P`` flags) and writing the ``U(P)`` entries received."""
+    """SSAR_Split_allgather. Cost: the split phase, summed as sparse streams (``k`` received entries sorted) while
+    they fit under SparCML's delta of the range, else in a dense accumulator scanned for its support (a pass over
+    ``n/P`` flags); then the reduced ranges' sizes, ``(P-1)*8`` bytes, a ring allgatherv of ``(P-1)*block(U(P)/P)``
+    bytes (a range past delta travels dense), and the ``U(P)`` entries received written into the result."""
 
     name = "ssar_split_allgather"
     algorithm = staticmethod(ssar_split_allgather)
 
     @staticmethod
+    def first_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
+        if c.k > c.delta * c.n / c.P:
+            split_phase_cost(c, sheet)
+            sheet.dense += c.n / c.P
+        else:
+            split_exchange_cost(c, sheet)
+            sheet.sort += c.k  # the union of the received streams
+            sheet.dense += c.n  # the zeroed result
+
+    @staticmethod
     def second_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
         sheet.step(c.P - 1, (c.P - 1) * SIZE_BYTES, "allgather")
         sheet.step(c.P - 1, (c.P - 1) * c.block(c.U(c.P) / c.P, c.n / c.P), "sendrecv", c.P - 1)
-        sheet.dense += c.n / c.P
         sheet.sparse += c.U(c.P)
 
 

@@ -2,8 +2,9 @@
 
 A stream is a block ``[start, start + length)`` of a vector of ``numel`` elements, stored sparse (sorted unique
 int64 indices and values) or, once ``nnz > delta * length``, dense. :class:`Codec` turns blocks into ``uint8``
-messages and back; :func:`split_reduce` is the reduce-scatter over index ranges that the split algorithms and
-the global top-k share; the point-to-point helpers exchange sizes before payloads, so an empty rank never hangs.
+messages and back; :func:`split_exchange` is the exchange of the reduce-scatter over index ranges that the split
+algorithms and the global top-k share (:func:`split_reduce` sums it into a dense accumulator); the point-to-point
+helpers exchange sizes before payloads, so an empty rank never hangs.
 
 Wire format of one block (a ``uint8`` tensor): empty -> zero bytes; sparse -> int64 header ``nnz`` then ``nnz``
 indices (int32 when ``numel < 2**31``, else int64) then ``nnz`` values in the values' dtype; dense -> int64
@@ -19,7 +20,8 @@ from .backend import Backend
 from .base import HEADER_BYTES
 
 __all__ = ["HEADER_BYTES", "Block", "Codec", "coalesce", "index_dtype_for", "default_dense_threshold",
-           "uniform_bounds", "balanced_bounds", "allgatherv_bytes", "split_reduce"]
+           "uniform_bounds", "balanced_bounds", "allgatherv_bytes", "split_exchange", "split_reduce",
+           "accumulate"]
 
 # ---------------------------------------------------------------------------------------------------------
 # small helpers
@@ -188,6 +190,18 @@ class Codec:
         val = view_as(buf, end_i, expect, self.dtype)
         return Block(start, length, idx, val)
 
+    def sum_sparse(self, blocks: list[Block], start: int, length: int) -> Block:
+        """The sum of sparse blocks over the same range, in list order (the accumulation dtype, rounded once):
+        what a dense accumulator of the range would hold at the union of their supports."""
+        parts = [b for b in blocks if b.idx.numel()]
+        if not parts:
+            return self.empty_block(start, length)
+        idx = torch.cat([b.idx for b in parts])
+        val = torch.cat([b.val for b in parts]).to(self.acc)
+        uniq, inv = torch.unique(idx, sorted=True, return_inverse=True)
+        out = torch.zeros(uniq.numel(), dtype=self.acc, device=self.device).index_add_(0, inv, val)
+        return Block(start, length, uniq, out.to(self.dtype))
+
     def merge(self, lo: Block, hi: Block) -> Block:
         """Sum of two blocks over the same range; ``lo`` comes from the lower rank (fixes the order)."""
         if lo.dense is None and hi.dense is None:
@@ -286,9 +300,28 @@ def allgatherv_bytes(backend: Backend, buf: torch.Tensor, counts: list[int] | No
 
 
 
+def split_exchange(backend: Backend, codec: Codec, idx: torch.Tensor, val: torch.Tensor, bounds: list[int],
+                   delta: float) -> list[Block]:
+    """The exchange of the split algorithms' reduce-scatter: sends the part of the (sorted) stream in range
+    ``[bounds[j], bounds[j+1])`` to rank ``j`` (one block, dense past ``delta``; sizes first, one ``alltoall_v``
+    each); returns the blocks of this rank's range that every rank sent, in rank order (its own included)."""
+    size, rank, dev = backend.size, backend.rank, codec.device
+    if size > 1:
+        cuts = [0] + torch.searchsorted(idx, torch.tensor(bounds[1:-1], dtype=torch.int64, device=dev)).tolist()
+    else:
+        cuts = [0]
+    cuts.append(int(idx.numel()))
+    bufs = [codec.encode(Block(bounds[j], bounds[j + 1] - bounds[j], idx[cuts[j]:cuts[j + 1]],
+                               val[cuts[j]:cuts[j + 1]]).densify_if(delta)) for j in range(size)]
+    lengths = torch.tensor([b.numel() for b in bufs], dtype=torch.int64, device=dev)
+    rlengths = torch.cat(backend.alltoall_v(list(lengths.split(1)), [1] * size)).tolist()
+    start, length = bounds[rank], bounds[rank + 1] - bounds[rank]
+    return [codec.decode(buf, start, length) for buf in backend.alltoall_v(bufs, rlengths)]
+
+
 def split_reduce(backend: Backend, codec: Codec, idx: torch.Tensor, val: torch.Tensor, bounds: list[int],
                   delta: float) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """Phase 1 of the split algorithms (a sparse reduce-scatter).
+    """Phase 1 of the split algorithms (a sparse reduce-scatter), summed into a dense accumulator of the range.
 
     Sends the part of the (sorted) stream in range ``[bounds[j], bounds[j+1])`` to rank ``j`` (as a sparse block,
     or dense past ``delta``); the owner sums what it receives in rank order.
@@ -299,27 +332,19 @@ def split_reduce(backend: Backend, codec: Codec, idx: torch.Tensor, val: torch.T
         supports, and ``received`` the number of entries it received (its own included; a dense block counts
         its length).
     """
-    size, rank, dev = backend.size, backend.rank, codec.device
-    if size > 1:
-        cuts = [0] + torch.searchsorted(idx, torch.tensor(bounds[1:-1], dtype=torch.int64, device=dev)).tolist()
-    else:
-        cuts = [0]
-    cuts.append(int(idx.numel()))
-    bufs = []
-    for j in range(size):
-        lo, hi = cuts[j], cuts[j + 1]
-        blk = Block(bounds[j], bounds[j + 1] - bounds[j], idx[lo:hi], val[lo:hi]).densify_if(delta)
-        bufs.append(codec.encode(blk))
-    lengths = torch.tensor([b.numel() for b in bufs], dtype=torch.int64, device=dev)
-    rlengths = torch.cat(backend.alltoall_v(list(lengths.split(1)), [1] * size)).tolist()
-    received = backend.alltoall_v(bufs, rlengths)
+    rank = backend.rank
     start, length = bounds[rank], bounds[rank + 1] - bounds[rank]
-    sums = torch.zeros(length, dtype=codec.acc, device=dev)
-    touched = torch.zeros(length, dtype=torch.bool, device=dev)
-    count = 0
-    for buf in received:  # rank order
-        blk = codec.decode(buf, start, length)
-        count += blk.nnz
+    blocks = split_exchange(backend, codec, idx, val, bounds, delta)
+    sums, touched = accumulate(codec, blocks, start, length)
+    return start, length, sums, touched, sum(blk.nnz for blk in blocks)
+
+
+def accumulate(codec: Codec, blocks: list[Block], start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum blocks of the range ``[start, start + length)`` into a dense accumulator, in list order: ``(sums,
+    touched)``, ``sums`` ``(length,)`` in the accumulation dtype and ``touched`` the union of their supports."""
+    sums = torch.zeros(length, dtype=codec.acc, device=codec.device)
+    touched = torch.zeros(length, dtype=torch.bool, device=codec.device)
+    for blk in blocks:
         if blk.dense is not None:
             sums += blk.dense.to(codec.acc)
             touched.fill_(True)
@@ -327,7 +352,7 @@ def split_reduce(backend: Backend, codec: Codec, idx: torch.Tensor, val: torch.T
             rel = blk.idx - start
             sums.index_add_(0, rel, blk.val.to(codec.acc))
             touched[rel] = True
-    return start, length, sums, touched, count
+    return sums, touched
 
 
 def split_bounds_for(backend: Backend, idx: torch.Tensor, numel: int, split_bounds) -> list[int]:
