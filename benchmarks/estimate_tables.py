@@ -64,7 +64,8 @@ def table(runs: dict, config: str) -> str:
 
 def curves(runs: dict, config: str) -> str:
     """What the after runs' probes measured: per primitive, the payload rate (Mbit/s of modelled bytes, latency
-    included) of one call at each size, median over runs; then the local-work terms (range over runs)."""
+    included) of one call at each size, median over runs; then the local-work terms (range over runs) and, where
+    probed, the local-work curves (median over runs)."""
     models = [r["model"] for name, r in runs.items() if name.startswith("after_") and config_of(name) == config]
     sizes = [b for b, _ in models[0]["call_curve"]["allgather"]][1:]
     lines = ["| primitive | " + " | ".join(f"{b / 1e3:.0f} kB" for b in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
@@ -75,6 +76,13 @@ def curves(runs: dict, config: str) -> str:
     terms = {t: [m[t] * 1e9 for m in models] for t in ("gamma", "gamma_sort", "gamma_dense")}
     lines.append("\nLocal work (ns per entry, per entry sorted, per element and pass): " + ", ".join(
         f"{t} {min(v):.3g}-{max(v):.3g}" for t, v in terms.items()))
+    work = [m["work_curve"] for m in models if m.get("work_curve")]
+    if work:  # microseconds per operation at each measured count, median over runs
+        lines.append("\nLocal work per operation (us, median over runs; count: entries, dense: elements per pass):\n")
+        for kind in work[0]:
+            pts = work[0][kind]
+            med = [statistics.median(w[kind][j][1] for w in work) * 1e6 for j in range(len(pts))]
+            lines.append(f"* {kind}: " + ", ".join(f"{m:.0f}: {t:.3g}" for (m, _), t in zip(pts, med)))
     return "\n".join(lines)
 
 

@@ -203,7 +203,7 @@ def estimate(numel: int, world_size: int, model: CostModel, densities=DEFAULT_DE
 
     def shared(b: int, k: int):  # the allreduce of k values, then their scatter into the zeroed bucket
         pred = dense(k, 4)
-        return replace(pred, time=pred.time + model.gamma * k + model.gamma_dense * b)
+        return replace(pred, time=pred.time + model.work_seconds("sparse", k) + model.work_seconds("dense", b))
 
     rows = [Row("dense allreduce (DDP)", 1.0, "ring allreduce", *_sum(parts, lambda b: dense(b, 4))),
             Row("fp16 allreduce", 1.0, "ring allreduce", *_sum(parts, lambda b: dense(b, 2)))]
@@ -322,14 +322,19 @@ def measure(rows: list[Row], numel: int, backend: Backend, *, repeats: int = 3, 
 
 
 def format_curves(model: CostModel) -> str:
-    """The per-call curves of a probed model (``model.call_curve``) as text, one line per primitive: milliseconds
-    per call at each measured size (bytes as the cost formulas count them); empty without curves. These, and not
-    ``call_beta``, price every call when predicting at the probed world size."""
-    if not model.call_curve:
-        return ""
-    lines = [f"ms per call at {model.world_size} ranks (interpolated between sizes):"]
-    for kind, pts in model.call_curve.items():
-        lines.append(f"  {kind:<9} " + "  ".join(f"{_size(b)} {t * 1e3:.3g}" for b, t in pts))
+    """The curves of a probed model as text: per primitive (``model.call_curve``), milliseconds per call at each
+    measured size (bytes as the cost formulas count them); per kind of local work (``model.work_curve``),
+    milliseconds per operation at each measured count (entries; elements for ``dense``, per pass). Empty without
+    curves. These, and not ``call_beta`` or the gammas, price every call and every local operation."""
+    lines = []
+    if model.call_curve:
+        lines.append(f"ms per call at {model.world_size} ranks (interpolated between sizes):")
+        for kind, pts in model.call_curve.items():
+            lines.append(f"  {kind:<9} " + "  ".join(f"{_size(b)} {t * 1e3:.3g}" for b, t in pts))
+    if model.work_curve:
+        lines.append("ms per local operation (entries; dense: elements per pass):")
+        for kind, pts in model.work_curve.items():
+            lines.append(f"  {kind:<9} " + "  ".join(f"{m:.0f} {t * 1e3:.3g}" for m, t in pts))
     return "\n".join(lines)
 
 

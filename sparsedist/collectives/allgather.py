@@ -115,8 +115,8 @@ class Allgather(Collective):
         sheet.step(c.P - 1, (c.P - 1) * 16, "allgather")
         if c.k_max > 0:
             sheet.step(c.P - 1, (c.P - 1) * c.k_max * c.s, "allgather")
-        sheet.sparse += c.P * c.k
-        sheet.dense += c.n
+        sheet.local("packed" if c.b_i == 0 else "sparse", c.k, ops=c.P)  # every payload decoded and added
+        sheet.local("dense", c.n)
 
 
 def launch_fixed(backend: Backend, indices: torch.Tensor, values: torch.Tensor, numel: int, count: int,

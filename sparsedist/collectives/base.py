@@ -22,10 +22,14 @@ import torch
 from .backend import Backend
 
 __all__ = ["Collective", "Reduced", "CostTerms", "CostSheet", "Prediction", "HEADER_BYTES", "SIZE_BYTES",
-           "check_sparse_input", "curve_seconds"]
+           "check_sparse_input", "curve_seconds", "work_seconds", "WORK_KINDS"]
 
 HEADER_BYTES = 8  # a sparse block's header (streams.HEADER_BYTES)
 SIZE_BYTES = 8    # one int64 size message
+#: The kinds of local work the cost formulas charge (:meth:`CostSheet.local`): ``"sparse"`` decoding received
+#: (index, value) entries and adding them into a vector, ``"packed"`` the same for Strom's 4-byte words (index and
+#: sign), ``"sort"`` coalescing entries into a sorted stream, ``"dense"`` one pass over a vector's elements.
+WORK_KINDS = ("sparse", "packed", "sort", "dense")
 
 
 @dataclass
@@ -54,8 +58,9 @@ class Prediction:
 
     Attributes:
         algorithm: the algorithm's name.
-        time: predicted seconds, ``alpha*latency + beta*bytes + gamma*sparse_work + gamma_dense*dense_work``
-            (with measured per-primitive costs, the latency and bytes of each primitive kind priced by its own).
+        time: predicted seconds, ``alpha*latency + beta*bytes + gamma*sparse_work + gamma_dense*dense_work +
+            gamma_sort*sort_work`` (with measured per-primitive costs, the latency and bytes of each primitive kind
+            priced by its own; with measured local-work curves, each local operation by its kind's curve).
         latency: number of message latencies (alphas) on the critical path.
         bytes: bytes on the critical path of the busiest rank (per step the larger of sent and received).
         sparse_work: sparse entries the rank handles locally.
@@ -115,7 +120,8 @@ def curve_seconds(points, nbytes: float) -> float:
 
     ``points``: ``((bytes, seconds), ...)`` with increasing bytes, the first a tiny call (its latency). Between two
     points the time is interpolated linearly (an alpha-beta model per segment); below the first it is the first
-    point's time; above the last it grows at the last segment's seconds per byte.
+    point's time; above the last it grows at the last segment's seconds per byte. A local-work curve
+    (:func:`work_seconds`) is read the same way, with entries or elements for bytes.
     """
     b0, t0 = points[0]
     if nbytes <= b0:
@@ -126,6 +132,16 @@ def curve_seconds(points, nbytes: float) -> float:
     return t_hi + (t_hi - t_lo) / (b_hi - b_lo) * (nbytes - b_hi)
 
 
+def work_seconds(curves: dict, kind: str, count: float) -> float:
+    """Seconds of one local operation of ``kind`` (:data:`WORK_KINDS`) on ``count`` entries (elements for
+    ``"dense"``), read off measured curves ``{kind: ((count, seconds), ...)}`` (:func:`curve_seconds`): the first
+    point is a small operation, so what a kernel costs however few its entries (its launch, its Python) is
+    priced. ``"packed"`` falls back to the ``"sparse"`` curve. Nothing to do costs nothing."""
+    if count <= 0:
+        return 0.0
+    return curve_seconds(curves.get(kind) or curves["sparse"], count)
+
+
 @dataclass
 class CostSheet:
     """Accumulates one algorithm's messages, bytes and local work; :meth:`done` prices them.
@@ -133,7 +149,10 @@ class CostSheet:
     ``calls`` and ``kind_bytes`` keep, per primitive kind (``"allreduce"``, ``"allgather"``, ``"sendrecv"``,
     ``"alltoall"``), the number of calls and the bytes on the critical path, so that measured per-kind costs can
     price them (``call_latency``, ``call_beta`` of :meth:`done`); ``sized`` keeps every step's ``(kind, calls,
-    bytes per call)``, so that a measured curve of seconds against bytes per call can (``call_curve``).
+    bytes per call)``, so that a measured curve of seconds against bytes per call can (``call_curve``). Local work
+    goes through :meth:`local`, which keeps the totals (``sparse``, ``dense``, ``sort``) that the per-entry gammas
+    price and every operation's ``(kind, operations, count each)`` in ``work``, which measured curves of seconds
+    against entries price (``work_curve``).
     """
 
     latency: float = 0.0
@@ -144,6 +163,7 @@ class CostSheet:
     calls: dict = field(default_factory=dict)
     kind_bytes: dict = field(default_factory=dict)
     sized: list = field(default_factory=list)
+    work: list = field(default_factory=list)
 
     def step(self, messages: float, nbytes: float, kind: str, calls: float = 1.0, parts=None) -> None:
         """``calls`` calls of primitive ``kind`` costing ``messages`` alphas and ``nbytes`` bytes together, of
@@ -157,6 +177,22 @@ class CostSheet:
         elif calls > 0:
             self.sized.append((kind, calls, nbytes / calls))
 
+    def local(self, kind: str, count: float, ops: float = 1.0) -> None:
+        """``ops`` local operations of ``kind`` (:data:`WORK_KINDS`) on ``count`` entries each (elements for
+        ``"dense"``): a sort adds to ``sort``, a dense pass to ``dense``, a decode-and-add (sparse or packed) to
+        ``sparse``."""
+        if kind not in WORK_KINDS:
+            raise ValueError(f"unknown kind of local work {kind!r}; one of {WORK_KINDS}")
+        total = ops * count
+        if kind == "dense":
+            self.dense += total
+        elif kind == "sort":
+            self.sort += total
+        else:
+            self.sparse += total
+        if ops > 0 and count > 0:
+            self.work.append((kind, float(ops), float(count)))
+
     def add(self, other: "CostSheet", weight: float) -> None:
         """Add ``weight`` times another sheet (an amortised alternative, e.g. a periodic estimation)."""
         self.latency += weight * other.latency
@@ -169,16 +205,18 @@ class CostSheet:
         for kind, b in other.kind_bytes.items():
             self.kind_bytes[kind] = self.kind_bytes.get(kind, 0.0) + weight * b
         self.sized.extend((kind, weight * c, b) for kind, c, b in other.sized)
+        self.work.extend((kind, weight * ops, m) for kind, ops, m in other.work)
 
     def done(self, name: str, alpha: float, beta: float, gamma: float, gamma_dense: float,
              call_latency: dict | None, call_beta: dict | None = None, call_curve: dict | None = None,
-             gamma_sort: float = 0.0) -> Prediction:
+             gamma_sort: float = 0.0, work_curve: dict | None = None) -> Prediction:
         """Price the sheet: ``alpha`` per message (or ``call_latency[kind]`` per call), ``beta`` per byte (or
         ``call_beta[kind]`` per byte of that kind), ``gamma`` per sparse entry, ``gamma_dense`` per dense element.
         ``gamma_sort`` per entry sorted (0 for a configured model: then the time is exactly what it was before
         this term existed). With ``call_curve`` (``{kind: ((bytes, seconds), ...)}``, measured) each call costs
         what the curve of its kind says for its bytes (:func:`curve_seconds`), latency and bytes together,
-        instead."""
+        instead; with ``work_curve`` (``{kind: ((count, seconds), ...)}``, measured) each local operation costs what
+        its kind's curve says for its count (:func:`work_seconds`), instead of the gammas."""
         if call_curve:
             lat, wire = 0.0, sum(c * curve_seconds(call_curve[kind], b) for kind, c, b in self.sized)
         else:
@@ -186,7 +224,11 @@ class CostSheet:
                 alpha * self.latency
             wire = sum(b * call_beta[kind] for kind, b in self.kind_bytes.items()) if call_beta else \
                 beta * self.bytes
-        t = lat + wire + gamma * self.sparse + gamma_dense * self.dense + gamma_sort * self.sort
+        if work_curve:
+            local = sum(ops * work_seconds(work_curve, kind, m) for kind, ops, m in self.work)
+        else:
+            local = gamma * self.sparse + gamma_dense * self.dense + gamma_sort * self.sort
+        t = lat + wire + local
         return Prediction(name, t, self.latency, self.bytes, self.sparse, self.dense, self.sort)
 
 

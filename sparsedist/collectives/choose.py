@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from .base import CostSheet, CostTerms, Prediction
+from .base import WORK_KINDS, CostSheet, CostTerms, Prediction, work_seconds
 from .registry import ALGORITHMS, COLLECTIVES, EXACT_ALGORITHMS
 
 __all__ = ["ALGORITHMS", "EXACT_ALGORITHMS", "PRIMITIVES", "CostModel", "Prediction", "Choice", "predict",
@@ -57,13 +57,14 @@ def _valid_curve(pts) -> bool:
             and all(b1 > b0 for (b0, _), (b1, _) in zip(pts, pts[1:])))
 
 
-def _each_kind(costs: dict | None, what: str, shape: str) -> list[tuple[str, object]]:
-    """``(kind, value)`` for every primitive kind of ``costs`` (none if it is None); a TypeError unless a dict."""
+def _each_kind(costs: dict | None, what: str, shape: str, kinds=PRIMITIVES) -> list[tuple[str, object]]:
+    """``(kind, value)`` for every kind of ``kinds`` (the primitives by default) of ``costs`` (none if it is None);
+    a TypeError unless a dict."""
     if costs is None:
         return []
     if not isinstance(costs, dict):
-        raise TypeError(f"{what} must be a dict {{primitive: {shape}}}, got {type(costs).__name__}")
-    return [(kind, costs.get(kind)) for kind in PRIMITIVES]
+        raise TypeError(f"{what} must be a dict {{kind: {shape}}}, got {type(costs).__name__}")
+    return [(kind, costs.get(kind)) for kind in kinds]
 
 
 def _check_per_kind(costs: dict | None, what: str, unit: str) -> None:
@@ -73,12 +74,13 @@ def _check_per_kind(costs: dict | None, what: str, unit: str) -> None:
             raise ValueError(f"{what}[{kind!r}] must be {unit} >= 0 (one for each of {PRIMITIVES}), got {v!r}")
 
 
-def _check_curve(curve: dict | None, what: str) -> None:
-    """Every primitive kind needs at least two ``(bytes, seconds)`` points, bytes increasing, finite values >= 0."""
-    for kind, pts in _each_kind(curve, what, "((bytes, seconds), ...)"):
+def _check_curve(curve: dict | None, what: str, kinds=PRIMITIVES, unit: str = "bytes") -> None:
+    """Every kind needs at least two ``(bytes, seconds)`` points (``(count, seconds)`` for local work), bytes
+    increasing, finite values >= 0."""
+    for kind, pts in _each_kind(curve, what, f"(({unit}, seconds), ...)", kinds):
         if not _valid_curve(pts):
-            raise ValueError(f"{what}[{kind!r}] must be at least two (bytes, seconds) points with increasing bytes "
-                             f"and finite values >= 0 (one curve for each of {PRIMITIVES}), got {pts!r}")
+            raise ValueError(f"{what}[{kind!r}] must be at least two ({unit}, seconds) points with increasing "
+                             f"{unit} and finite values >= 0 (one curve for each of {kinds}), got {pts!r}")
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
             nnz_max: float | None = None, union_nnz: float | None = None, dense_threshold: float | None = None,
             gtopk_k: float | None = None, threshold_interval: int = 32, repartition_interval: int = 64,
             algorithms=ALGORITHMS, call_latency: dict | None = None, call_beta: dict | None = None,
-            call_curve: dict | None = None) -> dict:
+            call_curve: dict | None = None, work_curve: dict | None = None) -> dict:
     """Predicted cost of each algorithm for one bucket.
 
     Args:
@@ -179,6 +181,12 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
             every call is priced by its kind's curve at its own size (interpolated linearly between the measured
             sizes), replacing ``call_latency``, ``call_beta``, ``alpha`` and ``beta``: on a TCP link the rate a call
             reaches depends on its size (docs/estimate.md).
+        work_curve: measured seconds of one local operation of each kind (:data:`~.base.WORK_KINDS`: ``"sparse"``,
+            ``"packed"``, ``"sort"``, ``"dense"``) at several sizes, ``{kind: ((count, seconds), ...)}`` (entries,
+            or elements for ``"dense"``, increasing); when given, every local operation is priced by its kind's
+            curve at its own size, replacing ``gamma``, ``gamma_dense`` and ``gamma_sort``: a kernel of a few
+            thousand entries costs its launch and Python more than its entries, which a per-entry rate timed on
+            hundreds of thousands does not see.
 
     Returns:
         ``{algorithm: Prediction}``.
@@ -194,6 +202,7 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
     _check_per_kind(call_latency, "call_latency", "seconds per call")
     _check_per_kind(call_beta, "call_beta", "seconds per byte")
     _check_curve(call_curve, "call_curve")
+    _check_curve(work_curve, "work_curve", WORK_KINDS, "count")
     bv = int(value_bytes)
     bi = int(index_bytes) if index_bytes is not None else (4 if n <= 2**31 - 1 else 8)
     k = float(min(nnz, n))
@@ -209,7 +218,7 @@ def predict(numel: int, nnz: float, world_size: int, *, alpha: float, beta: floa
         if P > 1:
             COLLECTIVES[name].cost(terms, sheet)
         out[name] = sheet.done(name, alpha, beta, gamma, gamma_dense, call_latency, call_beta, call_curve,
-                               gamma_sort)
+                               gamma_sort, work_curve)
     return out
 
 
@@ -256,6 +265,9 @@ class CostModel:
         call_curve: optional measured seconds of one call of each primitive at several sizes, ``{kind: ((bytes,
             seconds), ...)}``, at ``world_size`` ranks; when predicting for that world size it prices every call
             by its own size and replaces ``call_latency``, ``call_beta``, ``alpha`` and ``beta`` (:func:`predict`).
+        work_curve: optional measured seconds of one local operation of each kind at several sizes,
+            ``{kind: ((count, seconds), ...)}`` (:func:`predict`); it prices local work at every world size (it is
+            local) and replaces ``gamma``, ``gamma_dense`` and ``gamma_sort``. ``probe(work_numel=n)`` measures it.
         world_size: the world size ``call_latency``, ``call_beta`` and ``call_curve`` were measured at.
         measured: raw probe timings, for reports.
     """
@@ -270,6 +282,7 @@ class CostModel:
     call_beta: dict | None = None
     call_curve: dict | None = None
     gamma_sort: float = 0.0
+    work_curve: dict | None = None
 
     def __post_init__(self):
         for name in ("alpha", "beta", "gamma", "gamma_dense", "gamma_sort"):
@@ -283,6 +296,7 @@ class CostModel:
         if self.call_curve is not None and self.world_size is None:
             raise ValueError("CostModel.call_curve needs the world_size it was measured at")
         _check_curve(self.call_curve, "CostModel.call_curve")
+        _check_curve(self.work_curve, "CostModel.work_curve", WORK_KINDS, "count")
 
     def _kw(self, world_size: int) -> dict:
         here = world_size == self.world_size
@@ -290,7 +304,18 @@ class CostModel:
                     gamma_sort=self.gamma_sort,
                     call_latency=self.call_latency if self.call_latency and here else None,
                     call_beta=self.call_beta if self.call_beta and here else None,
-                    call_curve=self.call_curve if self.call_curve and here else None)
+                    call_curve=self.call_curve if self.call_curve and here else None,
+                    work_curve=self.work_curve or None)
+
+    def work_seconds(self, kind: str, count: float) -> float:
+        """Seconds of one local operation of ``kind`` (:data:`~.base.WORK_KINDS`) on ``count`` entries (elements
+        for ``"dense"``): read off ``work_curve`` when measured, else ``count`` times the kind's gamma."""
+        if kind not in WORK_KINDS:
+            raise ValueError(f"unknown kind of local work {kind!r}; one of {WORK_KINDS}")
+        if self.work_curve:
+            return work_seconds(self.work_curve, kind, count)
+        rate = {"dense": self.gamma_dense, "sort": self.gamma_sort}.get(kind, self.gamma)
+        return rate * max(count, 0.0)
 
     def predict(self, numel: int, nnz: float, world_size: int, **kwargs) -> dict:
         """:func:`predict` with this model's parameters."""
@@ -313,6 +338,9 @@ class CostModel:
         cc = state.get("call_curve")
         self.call_curve = None if cc is None else {k: tuple((float(b), float(t)) for b, t in pts)
                                                    for k, pts in cc.items()}
+        wc = state.get("work_curve")  # None in a state saved before work curves existed
+        self.work_curve = None if wc is None else {k: tuple((float(m), float(t)) for m, t in pts)
+                                                   for k, pts in wc.items()}
         self.world_size = state.get("world_size")
         self.measured = dict(state.get("measured", {}))
         self.__post_init__()

@@ -44,7 +44,8 @@ class DenseSum(Collective):
     @staticmethod
     def cost(c: CostTerms, sheet: CostSheet) -> None:
         sheet.step(2 * (c.P - 1), ring_allreduce_bytes(c.n, c.b_v, c.P), "allreduce")
-        sheet.dense += c.n + c.k  # zero-fill and scatter: element-wise work, no sort
+        sheet.local("dense", c.n)  # zero-fill and scatter: element-wise work, no sort
+        sheet.local("dense", c.k)
 
 
 class ValuesAllreduce(Collective):

@@ -368,7 +368,7 @@ class GlobalTopKSum(Collective):
         reuse, exact = CostSheet(), CostSheet()
         reuse.step(P - 1, (P - 1) * COUNT_HEADER_BYTES, "allgather")
         reuse.step(P - 1, (P - 1) * c.sparse_msg(kg / P), "sendrecv", P - 1)
-        reuse.sparse += kg
+        reuse.local("sparse", kg)  # the kept entries written
         cap = max(64.0, kg / 16)
         rounds = max(1, math.ceil(math.log(max(c.U(P), cap + 1) / cap, 16)))
         exact.step(P - 1, (P - 1) * ESTIMATE_HEAD_BYTES, "allgather")
@@ -377,7 +377,8 @@ class GlobalTopKSum(Collective):
         for m in (cap, kg):  # the bracket's entries, then the kept ones: counts first each time
             exact.step(P - 1, (P - 1) * COUNT_BYTES, "allgather")
             exact.step(P - 1, (P - 1) * c.sparse_msg(m / P), "sendrecv", P - 1)
-        exact.sparse += kg + cap
+        exact.local("sparse", cap)
+        exact.local("sparse", kg)
         w = 1.0 / max(1, c.threshold_interval)
         sheet.add(reuse, 1 - w)
         sheet.add(exact, w)

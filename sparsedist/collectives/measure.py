@@ -17,11 +17,12 @@ import torch
 
 from .allgather import scatter_add
 from .backend import Backend, ring_allreduce_bytes
+from .base import WORK_KINDS
 from .choose import PRIMITIVES, CostModel
 from .streams import coalesce
 from .wire import decode, encode
 
-__all__ = ["probe", "mean_seconds", "WORK_DENSITY", "CALL_BUDGET_S"]
+__all__ = ["probe", "mean_seconds", "WORK_DENSITY", "CALL_BUDGET_S", "WORK_BUDGET_S"]
 
 #: Entries per element of the decode and scatter-add that ``probe(work_numel=n)`` times: 10 % of ``n``, the densest
 #: of the default densities of ``python -m sparsedist estimate`` (where local work is largest).
@@ -29,6 +30,8 @@ WORK_DENSITY = 0.1
 #: Seconds of timed calls (the ranks' mean) that :func:`probe` spends at least on each point of a per-primitive
 #: curve (at most 200 calls): small calls are cheap and their latency varies most (:func:`mean_seconds`).
 CALL_BUDGET_S = 0.25
+#: Seconds of timed operations that :func:`probe` spends at least on each point of a local-work curve (at most 200).
+WORK_BUDGET_S = 0.02
 
 
 def _times(backend: Backend | None, op, repeats: int) -> list[float]:
@@ -181,6 +184,59 @@ def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float
     return statistics.fmean(sparse) / m, statistics.fmean(dense) / (2 * n), statistics.fmean(sort) / m
 
 
+def _synced(op, dev: torch.device):
+    """``op`` followed by waiting for ``dev`` (an accelerator runs kernels asynchronously: without the wait, a
+    timer sees their launch only); ``op`` itself on the CPU."""
+    if dev.type == "cpu":
+        return op
+
+    def run():
+        op()
+        torch.accelerator.synchronize(dev)
+    return run
+
+
+def _work_curves(work_numel: int, repeats: int, dev) -> tuple[dict, list[float]]:
+    """Mean seconds of one local operation of each kind of :data:`~.base.WORK_KINDS` at several sizes, after two
+    warm-ups, at least ``3 * repeats`` timings each and more until :data:`WORK_BUDGET_S`: ``({kind: counts},
+    seconds in the same order)``.
+
+    ``"sparse"``: decode a payload of ``m`` random positions (int32 index, fp32 value; distinct where the vector has
+    room) and add it into a vector of ``work_numel`` (allocated once); ``"packed"``: the same with Strom's 4-byte
+    words; ``"sort"``: coalesce ``m`` unsorted positions into a sorted stream; for ``m`` from ``WORK_DENSITY *
+    work_numel`` (at least 64) down by factors of 4 while at least 64, and 16. ``"dense"``: a zero-filled new vector
+    of ``m`` elements plus an add (per pass, half of it), for ``m`` from ``work_numel`` (at least 64) down by
+    factors of 4 while at least 4096, and 16. The smallest operations time what a kernel costs however few its
+    entries.
+    """
+    g = torch.Generator().manual_seed(1)
+    n = int(work_numel)
+    top, dense_top = max(64, int(WORK_DENSITY * n)), max(64, n)
+    sparse_counts = sorted({16} | {top >> (2 * j) for j in range(16) if top >> (2 * j) >= 64})
+    dense_counts = sorted({16} | {dense_top >> (2 * j) for j in range(16) if dense_top >> (2 * j) >= 4096}
+                          | {dense_top})
+    pos = torch.randperm(n, generator=g)[:top] if top <= n else torch.randint(0, n, (top,), generator=g)
+    perm, vals = pos.to(dev), torch.randn(top, generator=g).to(dev)
+    out, ones = torch.zeros(n, device=dev), torch.ones(dense_top, device=dev)
+
+    def payload_op(m, constant):
+        buf = encode(perm[:m], vals[:m], torch.float32, constant)
+        return lambda: scatter_add(out, *decode(buf, torch.float32, constant))
+
+    makers = {"sparse": lambda m: payload_op(m, None), "packed": lambda m: payload_op(m, 1.0),
+              "sort": lambda m: lambda: coalesce(perm[:m], vals[:m]),
+              "dense": lambda m: lambda: torch.zeros(m, device=dev).add_(ones[:m])}
+    counts, seconds = {}, []
+    for kind in WORK_KINDS:
+        counts[kind] = dense_counts if kind == "dense" else sparse_counts
+        for m in counts[kind]:
+            op = _synced(makers[kind](m), dev)
+            _times(None, op, 2)  # warm-up
+            t = mean_seconds(None, op, 3 * repeats, WORK_BUDGET_S)
+            seconds.append(t / 2 if kind == "dense" else t)
+    return counts, seconds
+
+
 def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5, local_work: bool = True,
           call_latency: bool = True, call_beta: bool = False, work_numel: int | None = None,
           call_sizes=None, device: torch.device | str | None = None) -> CostModel:
@@ -204,7 +260,10 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
       mean of ``3 * repeats``, instead of the small kernels: the allgather's decode and scatter-add of received
       entries into a vector of 16 MB misses the caches that the small kernels hit. Also ``gamma_sort``: the
       coalescing sort of as many unsorted positions, which SparCML's algorithms do with their input first (and
-      which no other term prices; 0 without ``work_numel``).
+      which no other term prices; 0 without ``work_numel``). And ``work_curve``: each kind of local work timed
+      at sizes from a few entries to that size (:func:`_work_curves`), which then prices every local operation
+      at its own size: an operation on a few thousand entries costs more than its entries at the rate of a
+      large one (its kernels' launches and Python), on a GPU by far.
     * ``call_sizes``: each primitive timed at each of these sizes (fp32 elements, as the tiny call and
       ``call_beta`` move them), the mean of at least ``repeats`` and until :data:`CALL_BUDGET_S`
       (:func:`mean_seconds`), and at 2 elements: a
@@ -227,7 +286,7 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
     Returns:
         A :class:`CostModel`; ``measured`` holds this rank's fastest time per size (``allreduce_s``) and, with
         ``call_beta``, each primitive's modelled bytes and mean seconds (``call_s``), averaged over ranks;
-        with ``call_sizes``, ``call_curve`` the curves.
+        with ``call_sizes``, ``call_curve`` the curves; with ``work_numel``, ``work_curve`` the local-work curves.
     """
     if len(set(sizes)) < 2 or repeats < 1:
         raise ValueError("probe() needs at least two distinct sizes and repeats >= 1")
@@ -245,6 +304,7 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
     if P > 1:
         alpha, beta, fastest = _fit_link(backend, sizes, repeats, dev)
     gamma, gamma_dense, gamma_sort = _local_work(work_numel, repeats, dev) if local_work else (0.0, 0.0, 0.0)
+    work_counts, work_t = _work_curves(work_numel, repeats, dev) if local_work and work_numel else ({}, [])
     per_call = P > 1 and (call_latency or call_beta)
     calls = [0.0] * len(PRIMITIVES)
     if per_call:
@@ -263,7 +323,7 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
                 big[j] = mean_seconds(backend, op, repeats)
                 nbytes[j] = b
     curve_t = [t for row in sized.values() for _, t in row]
-    params = torch.tensor([alpha, beta, gamma, gamma_dense] + calls + big + [gamma_sort] + curve_t,
+    params = torch.tensor([alpha, beta, gamma, gamma_dense] + calls + big + [gamma_sort] + curve_t + work_t,
                           dtype=torch.float64, device=dev)
     if P > 1:
         backend.allreduce(params)
@@ -276,8 +336,12 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
     if P > 1 and call_beta:
         measured["call_s"] = {kind: (nbytes[j], vals[8 + j]) for j, kind in enumerate(PRIMITIVES)}
         cb = {kind: max(vals[8 + j] - cl[kind], 0.0) / nbytes[j] for j, kind in enumerate(PRIMITIVES)}
-    cc = _curves(sized, vals[13:]) if sized else None
+    cc = _curves(sized, vals[13:13 + len(curve_t)]) if sized else None
     if cc:
         measured["call_curve"] = cc
+    wc, at = {}, 13 + len(curve_t)
+    for kind, ms in work_counts.items():  # averaged over ranks, then non-decreasing, like the call curves
+        wc[kind] = tuple(zip(map(float, ms), _isotonic(vals[at:at + len(ms)])))
+        at += len(ms)
     return CostModel(*vals[:4], call_latency=cl, world_size=P if per_call or cc else None, measured=measured,
-                     call_beta=cb, call_curve=cc, gamma_sort=vals[12])
+                     call_beta=cb, call_curve=cc, gamma_sort=vals[12], work_curve=wc or None)

@@ -187,27 +187,27 @@ class SSARRecursiveDouble(_SparCML):
         P, n = c.P, c.n
         p2 = 1 << (P.bit_length() - 1)
         f = 1 if p2 == P else 2
-        sheet.sort += c.k  # coalescing the unsorted input into a stream
+        sheet.local("sort", c.k)  # coalescing the unsorted input into a stream
         if p2 != P:
             sheet.step(2, SIZE_BYTES + c.block(c.k, n), "sendrecv", 2, parts=(SIZE_BYTES, c.block(c.k, n)))
-            sheet.sort += 2 * c.k  # merging the folded-in stream
+            sheet.local("sort", 2 * c.k)  # merging the folded-in stream
         r = 0
         while (1 << r) < p2:
             inputs = min(P, f << r)
             m = c.U(inputs)
             sheet.step(2, SIZE_BYTES + c.block(m, n), "sendrecv", 2, parts=(SIZE_BYTES, c.block(m, n)))
             if c.U(min(P, 2 * inputs)) > c.delta * n or m > c.delta * n:
-                sheet.dense += 2 * n
+                sheet.local("dense", n, ops=2)
             else:
-                sheet.sort += 2 * m  # the merge sorts both streams' entries
+                sheet.local("sort", 2 * m)  # the merge sorts both streams' entries
             r += 1
         if p2 != P:
             sheet.step(2, SIZE_BYTES + c.block(c.U(P), n), "sendrecv", 2, parts=(SIZE_BYTES, c.block(c.U(P), n)))
-        sheet.dense += n  # the zeroed result
+        sheet.local("dense", n)  # the zeroed result
         if c.U(P) > c.delta * n:
-            sheet.dense += n
+            sheet.local("dense", n)
         else:
-            sheet.sparse += c.U(P)  # written entry by entry
+            sheet.local("sparse", c.U(P))  # written entry by entry
 
 
 def split_exchange_cost(c: CostTerms, sheet: CostSheet) -> None:
@@ -215,7 +215,7 @@ def split_exchange_cost(c: CostTerms, sheet: CostSheet) -> None:
     alphas), after coalescing the (unsorted) input (``k`` entries sorted)."""
     sheet.step(c.P - 1, (c.P - 1) * SIZE_BYTES, "alltoall")
     sheet.step(c.P - 1, (c.P - 1) * c.block(c.k / c.P, c.n / c.P), "alltoall")
-    sheet.sort += c.k  # coalescing the unsorted input into a stream
+    sheet.local("sort", c.k)  # coalescing the unsorted input into a stream
 
 
 def split_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
@@ -223,8 +223,9 @@ def split_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
     of the range: the exchange, then ``k`` received entries added into ``n/P`` zeroed elements (and the ``n``-long
     zeroed result)."""
     split_exchange_cost(c, sheet)
-    sheet.sparse += 2 * c.k
-    sheet.dense += c.n / c.P + c.n
+    sheet.local("sparse", 2 * c.k)
+    sheet.local("dense", c.n / c.P)
+    sheet.local("dense", c.n)
 
 
 class _Split(_SparCML):
@@ -255,17 +256,17 @@ class SSARSplitAllgather(_Split):
     def first_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
         if c.k > c.delta * c.n / c.P:
             split_phase_cost(c, sheet)
-            sheet.dense += c.n / c.P
+            sheet.local("dense", c.n / c.P)
         else:
             split_exchange_cost(c, sheet)
-            sheet.sort += c.k  # the union of the received streams
-            sheet.dense += c.n  # the zeroed result
+            sheet.local("sort", c.k)  # the union of the received streams
+            sheet.local("dense", c.n)  # the zeroed result
 
     @staticmethod
     def second_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
         sheet.step(c.P - 1, (c.P - 1) * SIZE_BYTES, "allgather")
         sheet.step(c.P - 1, (c.P - 1) * c.block(c.U(c.P) / c.P, c.n / c.P), "sendrecv", c.P - 1)
-        sheet.sparse += c.U(c.P)
+        sheet.local("sparse", c.U(c.P) / c.P, ops=c.P)  # each range's entries decoded and written
 
 
 class DSARSplitAllgather(_Split):
@@ -277,4 +278,4 @@ class DSARSplitAllgather(_Split):
     @staticmethod
     def second_phase_cost(c: CostTerms, sheet: CostSheet) -> None:
         sheet.step(c.P - 1, (c.P - 1) * -(-c.n // c.P) * c.b_v, "allgather")
-        sheet.dense += c.n
+        sheet.local("dense", c.n)

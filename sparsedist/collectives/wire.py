@@ -49,9 +49,9 @@ def decode(buf: torch.Tensor, value_dtype: torch.dtype,
     if constant is not None:
         word = buf.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # undo sign extension of bit 31
         idx = word >> 1
+        # masked_fill_, not values[mask] = ...: boolean indexing counts the mask first (a host sync on a GPU)
         values = torch.full((idx.numel(),), constant, dtype=value_dtype, device=buf.device)
-        values[(word & 1).bool()] = -constant
-        return idx, values
+        return idx, values.masked_fill_((word & 1).bool(), -constant)
     vbytes = torch.empty(0, dtype=value_dtype).element_size()
     nnz = buf.numel() // (INDEX_BYTES + vbytes)
     if nnz * (INDEX_BYTES + vbytes) != buf.numel():
