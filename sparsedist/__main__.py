@@ -91,7 +91,8 @@ def estimate_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--measure times exchanges among this job's {world} ranks; drop --ranks {args.ranks}")
     ranks = args.ranks or world
     try:
-        model = probe_model(backend, args.params, bucket_mb=args.bucket_mb) if args.probe else \
+        model = probe_model(backend, args.params, bucket_mb=args.bucket_mb, densities=args.densities,
+                            ranks=ranks) if args.probe else \
             link_model(args.link, args.latency, args.efficiency)
         rows = estimate(args.params, ranks, model, args.densities, bucket_mb=args.bucket_mb,
                         memory_gbps=args.memory_gbps)

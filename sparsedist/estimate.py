@@ -112,21 +112,29 @@ def link_model(rate_bps: float, latency_s: float = 20e-6, efficiency: float = WI
     return CostModel(alpha=latency_s, beta=8.0 / (rate_bps * efficiency))
 
 
-def probe_model(backend: Backend, numel: int, *, bucket_mb: float = 25.0, repeats: int = 3) -> CostModel:
+def probe_model(backend: Backend, numel: int, *, bucket_mb: float = 25.0, repeats: int = 3,
+                densities=DEFAULT_DENSITIES, ranks: int | None = None) -> CostModel:
     """The model of ``--probe``, measured on ``backend`` (a collective call: every rank, same arguments).
 
     :func:`sparsedist.collectives.probe` with allreduces of :data:`PROBE_SIZES` up to the largest bucket (at least
     ``2**20`` elements), each primitive's curve of seconds against bytes per call at :data:`CALL_SIZES` up to the
-    same size (``call_sizes``; its largest call also gives ``call_beta``), and the local-work terms timed at the
-    largest bucket's length (``work_numel``): gloo's allgather and its concurrent send/recv need not reach the
-    link rate its ring allreduce reaches, the rate a call reaches depends on its size, and a scatter-add into a
-    real bucket misses caches that the default small kernels hit (docs/estimate.md).
+    same size (``call_sizes``; its largest call also gives ``call_beta``), and the local work timed at the largest
+    bucket's length (``work_numel``), its curves also at the size of every local operation that :func:`estimate`
+    will price for ``densities`` at ``ranks`` (default: this job's size; ``work_counts``): gloo's allgather and
+    its concurrent send/recv need not reach the link rate its ring allreduce reaches, the rate a call reaches
+    depends on its size, a scatter-add into a real bucket misses caches that small kernels hit, and the cost of a
+    kernel need not grow smoothly with its size (docs/estimate.md).
     """
     largest = max(buckets(numel, 4, bucket_mb))
     top = min(PROBE_SIZES[-1], max(2**20, largest))
     sizes = tuple(sorted({s for s in PROBE_SIZES if s < top} | {top}))
     calls = tuple(sorted({s for s in CALL_SIZES if s < top} | {top}))
-    return probe(backend, sizes=sizes, repeats=repeats, call_beta=True, work_numel=largest, call_sizes=calls)
+    planned: dict = {}
+    for row in estimate(numel, ranks or backend.size, CostModel(), densities, bucket_mb=bucket_mb):
+        for kind, _, count in row.work:
+            planned.setdefault(kind, set()).add(count)
+    return probe(backend, sizes=sizes, repeats=repeats, call_beta=True, work_numel=largest, call_sizes=calls,
+                 work_counts={kind: sorted(ms) for kind, ms in planned.items()})
 
 
 @dataclass
@@ -138,7 +146,8 @@ class Row:
     selection's seconds per step, from passes over the gradient at the host's memory bandwidth (not measured);
     ``overlap``: the hook launches this exchange asynchronously, overlapped with the backward pass, for the
     fixed-count compressors of the row (top-k and DGC through the allgather, rand-k's values allreduce; without a
-    ``timeout``); every other exchange runs synchronously in the hook.
+    ``timeout``); every other exchange runs synchronously in the hook; ``work``: the local operations priced, over
+    all buckets, ``(kind, operations, count each)`` (``Prediction.work``).
     """
 
     exchange: str
@@ -149,6 +158,7 @@ class Row:
     select_s: float = 0.0
     measured_s: float | None = None
     overlap: bool = False
+    work: tuple = ()
 
 
 def buckets(numel: int, value_bytes: int = 4, bucket_mb: float = 25.0) -> list[int]:
@@ -163,10 +173,11 @@ def _count(n: int, density: float) -> int:
     return min(n, max(1, math.ceil(density * n)))
 
 
-def _sum(parts: list[int], fn) -> tuple[float, float]:
-    """Add ``fn(bucket) -> Prediction`` over the buckets: (bytes, seconds)."""
+def _sum(parts: list[int], fn) -> dict:
+    """Add ``fn(bucket) -> Prediction`` over the buckets: ``Row`` fields bytes, predicted_s and work."""
     preds = [fn(b) for b in parts]
-    return sum(p.bytes for p in preds), sum(p.time for p in preds)
+    return dict(bytes=sum(p.bytes for p in preds), predicted_s=sum(p.time for p in preds),
+                work=tuple(op for p in preds for op in p.work))
 
 
 def estimate(numel: int, world_size: int, model: CostModel, densities=DEFAULT_DENSITIES, *,
@@ -203,20 +214,21 @@ def estimate(numel: int, world_size: int, model: CostModel, densities=DEFAULT_DE
 
     def shared(b: int, k: int):  # the allreduce of k values, then their scatter into the zeroed bucket
         pred = dense(k, 4)
-        return replace(pred, time=pred.time + model.work_seconds("sparse", k) + model.work_seconds("dense", b))
+        return replace(pred, time=pred.time + model.work_seconds("sparse", k) + model.work_seconds("dense", b),
+                       work=pred.work + (("sparse", 1.0, float(k)), ("dense", 1.0, float(b))))
 
-    rows = [Row("dense allreduce (DDP)", 1.0, "ring allreduce", *_sum(parts, lambda b: dense(b, 4))),
-            Row("fp16 allreduce", 1.0, "ring allreduce", *_sum(parts, lambda b: dense(b, 2)))]
+    rows = [Row("dense allreduce (DDP)", 1.0, "ring allreduce", **_sum(parts, lambda b: dense(b, 4))),
+            Row("fp16 allreduce", 1.0, "ring allreduce", **_sum(parts, lambda b: dense(b, 2)))]
     names = SPARSE_COLLECTIVES + (("gtopk",) if gtopk else ())
     for d in densities:
         for name in names:
-            rows.append(Row(INDEXED if name != "gtopk" else "topk, dgc", d, name, *_sum(
+            rows.append(Row(INDEXED if name != "gtopk" else "topk, dgc", d, name, **_sum(
                 parts, lambda b: model.predict(b, _count(b, d), P, value_bytes=4, algorithms=(name,))[name]),
                 select_s=SELECT_PASSES["indexed"] * one_pass, overlap=name == "allgather"))
-        rows.append(Row(PACKED, d, "allgather", *_sum(parts, lambda b: model.predict(
+        rows.append(Row(PACKED, d, "allgather", **_sum(parts, lambda b: model.predict(
             b, _count(b, d), P, value_bytes=4, index_bytes=0, algorithms=("allgather",))["allgather"]),
             select_s=SELECT_PASSES["indexed"] * one_pass))
-        rows.append(Row(SHARED, d, "values allreduce", *_sum(parts, lambda b: shared(b, _count(b, d))),
+        rows.append(Row(SHARED, d, "values allreduce", **_sum(parts, lambda b: shared(b, _count(b, d))),
                         select_s=SELECT_PASSES["shared"] * one_pass, overlap=True))
     return rows
 

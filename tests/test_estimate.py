@@ -181,6 +181,13 @@ def test_probed_predictions_against_the_emulated_cluster(tmp_path, rate, params)
     assert set(model["call_curve"]) == set(model["call_beta"]) and model["gamma_sort"] > 0
     for kind, pts in model["call_curve"].items():
         assert len(pts) == 6 and all(t1 >= t0 > 0 for (_, t0), (_, t1) in zip(pts, pts[1:])), (kind, pts)
+    # the local-work curves that price every local operation: 16 entries up to 10 % of the bucket (dense: up to
+    # it), and the size of every operation the rows price
+    assert set(model["work_curve"]) == {"sparse", "packed", "sort", "dense"}
+    for kind, pts in model["work_curve"].items():
+        assert pts[0][0] == 16 and all(t > 0 for _, t in pts), (kind, pts)
+    planned = {(kind, round(m)) for r in rows for kind, _, m in r["work"]}  # every operation priced was timed
+    assert planned <= {(kind, round(m)) for kind, pts in model["work_curve"].items() for m, _ in pts}
     burst = max(32 * 1024, parse_rate(rate) / 8 / 100)  # emulate_cluster's tbf bucket: 10 ms at line rate
     report, checked = [], set()
     for r in rows:

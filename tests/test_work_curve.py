@@ -125,7 +125,8 @@ def _probe_worker(rank, ws):
     be = TorchBackend(timeout=60)
     plain = probe(be, sizes=(1, 2**12))
     n = 2**17
-    model = probe(be, sizes=(1, 2**12), call_latency=False, work_numel=n)
+    model = probe(be, sizes=(1, 2**12), call_latency=False, work_numel=n,
+                  work_counts={"sort": [5000.4, 300_000], "dense": [777]})
     return {"plain": plain.work_curve, "curve": model.work_curve}
 
 
@@ -140,12 +141,17 @@ def test_the_probe_measures_every_kind_from_a_few_entries_to_the_bucket(ws):
     for kind, pts in curve.items():
         counts = [m for m, _ in pts]
         assert counts == sorted(set(counts)) and len(counts) >= 3, (kind, pts)
-        if kind == "dense":  # the bucket, then down by factors of 4 while at least 4096 elements, and 16
-            assert counts == [16, 2**13, 2**15, 2**17]
+        if kind == "dense":  # the bucket, then down by factors of 4 while at least 4096 elements, 16, and 777 asked
+            assert counts == [16, 777, 2**13, 2**15, 2**17]
+        elif kind == "sort":  # the grid, and the asked counts (rounded; one larger than 10 % of the bucket)
+            assert {5000, 300_000} <= set(counts) and counts[-1] == 300_000 and counts[0] == 16
         else:  # 10 % of the bucket, then down by factors of 4 while at least 64 entries, and 16
             assert counts[-1] == top and counts[0] == 16 and counts[1] >= 64
-        assert all(t1 >= t0 > 0 for (_, t0), (_, t1) in zip(pts, pts[1:])), (kind, pts)  # made non-decreasing
-        assert pts[-1][1] < 1.0
+        assert all(0 < t < 1.0 for _, t in pts), (kind, pts)  # as measured: a larger operation may cost less
+    with pytest.raises(ValueError, match="work_counts"):
+        probe(TorchBackend.__new__(TorchBackend), work_numel=100, work_counts={"scatter": [10]})
+    with pytest.raises(ValueError, match="work_counts"):
+        probe(TorchBackend.__new__(TorchBackend), work_numel=100, work_counts={"sort": [0]})
 
 
 def test_a_tiny_bucket_still_gets_curves_of_two_points_or_more():
@@ -158,3 +164,20 @@ def test_a_tiny_bucket_still_gets_curves_of_two_points_or_more():
             curve[kind] = tuple(zip(map(float, c), sorted(seconds[at:at + len(c)])))
             at += len(c)
         CostModel(work_curve=curve)  # a valid curve
+
+
+def test_predictions_and_rows_name_the_operations_they_price():
+    """``Prediction.work`` lists every local operation, and each estimate row carries its buckets' operations (what
+    ``--probe`` times exactly: ``probe_model`` plans them with a configured model first)."""
+    pred = predict(4_000_000, 4_000, 2, alpha=0, beta=0, algorithms=("ssar_recursive_double",))
+    kinds = [(kind, ops) for kind, ops, _ in pred["ssar_recursive_double"].work]
+    assert kinds == [("sort", 1.0), ("sort", 1.0), ("dense", 1.0), ("sparse", 1.0)]
+    n = 8_000_000
+    rows = estimate(n, 2, CostModel(), densities=[0.01])
+    shared = [r for r in rows if r.exchange == SHARED][0]
+    parts = buckets(n, 4, 25)
+    assert len(parts) == 2
+    for b in parts:  # the dense formula on the k values (two passes), the scatter of k values, the zeroed bucket
+        kb = float(-(-b // 100))
+        assert {("sparse", 1.0, kb), ("dense", 1.0, float(b)), ("dense", 1.0, kb)} <= set(shared.work)
+    assert len(shared.work) == 8

@@ -66,6 +66,7 @@ class Prediction:
         sparse_work: sparse entries the rank handles locally.
         dense_work: dense elements the rank touches locally.
         sort_work: entries the rank sorts to coalesce its unsorted input (SparCML's streams).
+        work: every local operation priced, ``(kind, operations, count each)`` (:meth:`CostSheet.local`).
     """
 
     algorithm: str
@@ -75,6 +76,7 @@ class Prediction:
     sparse_work: float = 0.0
     dense_work: float = 0.0
     sort_work: float = 0.0
+    work: tuple = ()
 
 
 @dataclass
@@ -229,7 +231,7 @@ class CostSheet:
         else:
             local = gamma * self.sparse + gamma_dense * self.dense + gamma_sort * self.sort
         t = lat + wire + local
-        return Prediction(name, t, self.latency, self.bytes, self.sparse, self.dense, self.sort)
+        return Prediction(name, t, self.latency, self.bytes, self.sparse, self.dense, self.sort, tuple(self.work))
 
 
 class Collective:

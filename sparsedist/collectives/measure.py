@@ -196,10 +196,11 @@ def _synced(op, dev: torch.device):
     return run
 
 
-def _work_curves(work_numel: int, repeats: int, dev) -> tuple[dict, list[float]]:
+def _work_curves(work_numel: int, repeats: int, dev, extra: dict | None = None) -> tuple[dict, list[float]]:
     """Mean seconds of one local operation of each kind of :data:`~.base.WORK_KINDS` at several sizes, after two
     warm-ups, at least ``3 * repeats`` timings each and more until :data:`WORK_BUDGET_S`: ``({kind: counts},
-    seconds in the same order)``.
+    seconds in the same order)``. ``extra``: ``{kind: counts}`` timed too (rounded to whole entries), e.g. the
+    operations a prediction will price, so that they are read off the curve exactly.
 
     ``"sparse"``: decode a payload of ``m`` random positions (int32 index, fp32 value; distinct where the vector has
     room) and add it into a vector of ``work_numel`` (allocated once); ``"packed"``: the same with Strom's 4-byte
@@ -207,17 +208,20 @@ def _work_curves(work_numel: int, repeats: int, dev) -> tuple[dict, list[float]]
     work_numel`` (at least 64) down by factors of 4 while at least 64, and 16. ``"dense"``: a zero-filled new vector
     of ``m`` elements plus an add (per pass, half of it), for ``m`` from ``work_numel`` (at least 64) down by
     factors of 4 while at least 4096, and 16. The smallest operations time what a kernel costs however few its
-    entries.
+    entries. The times are kept as measured, not made non-decreasing: a larger operation can cost less (PyTorch's
+    CPU sort switches to a radix sort at 32768 int64 entries: 25000 entries took 1.1 ms here, 41943 0.35 ms).
     """
     g = torch.Generator().manual_seed(1)
     n = int(work_numel)
     top, dense_top = max(64, int(WORK_DENSITY * n)), max(64, n)
-    sparse_counts = sorted({16} | {top >> (2 * j) for j in range(16) if top >> (2 * j) >= 64})
-    dense_counts = sorted({16} | {dense_top >> (2 * j) for j in range(16) if dense_top >> (2 * j) >= 4096}
-                          | {dense_top})
-    pos = torch.randperm(n, generator=g)[:top] if top <= n else torch.randint(0, n, (top,), generator=g)
-    perm, vals = pos.to(dev), torch.randn(top, generator=g).to(dev)
-    out, ones = torch.zeros(n, device=dev), torch.ones(dense_top, device=dev)
+    grid = {kind: {16} | {top >> (2 * j) for j in range(16) if top >> (2 * j) >= 64} for kind in WORK_KINDS}
+    grid["dense"] = {16, dense_top} | {dense_top >> (2 * j) for j in range(16) if dense_top >> (2 * j) >= 4096}
+    for kind, ms in (extra or {}).items():
+        grid[kind] |= {max(1, round(m)) for m in ms}
+    pool = max(max(grid[kind]) for kind in WORK_KINDS if kind != "dense")
+    pos = torch.randperm(n, generator=g)[:pool] if pool <= n else torch.randint(0, n, (pool,), generator=g)
+    perm, vals = pos.to(dev), torch.randn(pool, generator=g).to(dev)
+    out, ones = torch.zeros(n, device=dev), torch.ones(max(grid["dense"]), device=dev)
 
     def payload_op(m, constant):
         buf = encode(perm[:m], vals[:m], torch.float32, constant)
@@ -228,7 +232,7 @@ def _work_curves(work_numel: int, repeats: int, dev) -> tuple[dict, list[float]]
               "dense": lambda m: lambda: torch.zeros(m, device=dev).add_(ones[:m])}
     counts, seconds = {}, []
     for kind in WORK_KINDS:
-        counts[kind] = dense_counts if kind == "dense" else sparse_counts
+        counts[kind] = sorted(grid[kind])
         for m in counts[kind]:
             op = _synced(makers[kind](m), dev)
             _times(None, op, 2)  # warm-up
@@ -239,7 +243,7 @@ def _work_curves(work_numel: int, repeats: int, dev) -> tuple[dict, list[float]]
 
 def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5, local_work: bool = True,
           call_latency: bool = True, call_beta: bool = False, work_numel: int | None = None,
-          call_sizes=None, device: torch.device | str | None = None) -> CostModel:
+          call_sizes=None, device: torch.device | str | None = None, work_counts: dict | None = None) -> CostModel:
     """Measure ``alpha`` and ``beta`` (and the local-work terms) at start-up; a collective call.
 
     Times ``repeats`` fp32 allreduces at each of ``sizes`` elements (the fastest of each), fits
@@ -281,6 +285,9 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
         call_beta: also measure each primitive's seconds per byte (implies the per-call latencies).
         work_numel: elements of the local-work kernels (default None: the small kernels).
         call_sizes: elements of the calls of the per-primitive curves (default None: no curves).
+        work_counts: with ``work_numel``, ``{kind: counts}`` of local operations to time besides the curves' own
+            sizes (e.g. every operation a prediction will price: ``Prediction.work``), so that they are read off
+            the curve exactly instead of interpolated.
         device: where the probe tensors live (default CPU; pass the GPU for NCCL).
 
     Returns:
@@ -296,6 +303,11 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
     if call_sizes is not None and (not call_sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
                                                          for n in call_sizes)):
         raise ValueError(f"probe(call_sizes=...) must be positive ints (elements per call), got {call_sizes!r}")
+    if work_counts is not None and (not isinstance(work_counts, dict) or set(work_counts) - set(WORK_KINDS) or any(
+            isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0 or m != m or m == float("inf")
+            for ms in work_counts.values() for m in ms)):
+        raise ValueError(f"probe(work_counts=...) must map kinds of {WORK_KINDS} to positive counts, got "
+                         f"{work_counts!r}")
     counters = (backend.bytes_sent, backend.bytes_received)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     P = backend.size
@@ -304,7 +316,8 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
     if P > 1:
         alpha, beta, fastest = _fit_link(backend, sizes, repeats, dev)
     gamma, gamma_dense, gamma_sort = _local_work(work_numel, repeats, dev) if local_work else (0.0, 0.0, 0.0)
-    work_counts, work_t = _work_curves(work_numel, repeats, dev) if local_work and work_numel else ({}, [])
+    timed_counts, work_t = _work_curves(work_numel, repeats, dev, work_counts) if local_work and work_numel \
+        else ({}, [])
     per_call = P > 1 and (call_latency or call_beta)
     calls = [0.0] * len(PRIMITIVES)
     if per_call:
@@ -340,8 +353,8 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
     if cc:
         measured["call_curve"] = cc
     wc, at = {}, 13 + len(curve_t)
-    for kind, ms in work_counts.items():  # averaged over ranks, then non-decreasing, like the call curves
-        wc[kind] = tuple(zip(map(float, ms), _isotonic(vals[at:at + len(ms)])))
+    for kind, ms in timed_counts.items():  # averaged over ranks; as measured (a larger operation can cost less)
+        wc[kind] = tuple(zip(map(float, ms), vals[at:at + len(ms)]))
         at += len(ms)
     return CostModel(*vals[:4], call_latency=cl, world_size=P if per_call or cc else None, measured=measured,
                      call_beta=cb, call_curve=cc, gamma_sort=vals[12], work_curve=wc or None)
