@@ -63,10 +63,17 @@ def scatter_add(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) 
     return out
 
 
-def _check_out(out: torch.Tensor | None, numel: int, dtype: torch.dtype) -> None:
-    """Refuse an ``out`` vector (to sum into) that is not ``(numel,)`` of ``dtype``; None passes."""
-    if out is not None and (out.shape != (numel,) or out.dtype != dtype):
-        raise ValueError(f"out must be a ({numel},) tensor of {dtype}, got {tuple(out.shape)} {out.dtype}")
+def check_out(out: torch.Tensor | None, numel: int, dtype: torch.dtype | None = None,
+              device: torch.device | None = None) -> None:
+    """Refuse an ``out`` vector (to write a sum into) that is not ``(numel,)``, of ``dtype`` (any floating dtype
+    when None) and on ``device`` (when given); None passes."""
+    if out is None:
+        return
+    if out.shape != (numel,) or (out.dtype != dtype if dtype is not None else not out.is_floating_point()):
+        raise ValueError(f"out must be a ({numel},) tensor of {dtype or 'a floating dtype'}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    if device is not None and out.device != device:
+        raise ValueError(f"out must live where the values do ({device}), got {out.device}")
 
 
 def zeroed(out: torch.Tensor | None, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -100,7 +107,7 @@ class Allgather(Collective):
         ``(numel,)`` tensor of the sum's dtype to zero and sum into (e.g. the bucket buffer), else a new one."""
         wire_dtype = wire_dtype or values.dtype
         dtype = dtype or accumulator_dtype(wire_dtype)
-        _check_out(out, numel, dtype)
+        check_out(out, numel, dtype)
         payload = encode(indices, values, wire_dtype, constant) if finite else \
             torch.empty(0, dtype=torch.uint8, device=values.device)
         received, flags = sparse_allgather(backend, payload, 0 if finite else 1)
@@ -142,7 +149,7 @@ def launch_fixed(backend: Backend, indices: torch.Tensor, values: torch.Tensor, 
     pad = count - indices.numel()
     if pad < 0:
         raise RuntimeError(f"sparsedist: {indices.numel()} entries selected where at most {count} were configured")
-    _check_out(out, numel, dtype)
+    check_out(out, numel, dtype)
     if pad:
         indices = torch.cat([indices, indices.new_zeros(pad)])
         values = torch.cat([values, values.new_full((pad,), -0.0)])

@@ -64,7 +64,7 @@ import torch
 
 from ..payload import accumulator_dtype, all_finite
 from .backend import Backend, TorchBackend, ring_allreduce_bytes
-from .allgather import scatter_add
+from .allgather import check_out, scatter_add, zeroed
 from .base import Collective, CostSheet, CostTerms, Reduced, check_sparse_input
 from .kselect import COUNT_BYTES, ESTIMATE_HEAD_BYTES, SPLIT_POINTS, allgatherv_entries, exact_top_k, \
     gather_counts, magnitude
@@ -343,12 +343,18 @@ class GlobalTopKSum(Collective):
         self.topk = GlobalTopK()
 
     def reduce(self, indices: torch.Tensor, values: torch.Tensor, numel: int, backend: Backend, *,
-               finite: bool = True, k: int = 0, dtype: torch.dtype | None = None, **kw) -> Reduced:
+               finite: bool = True, k: int = 0, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+               **kw) -> Reduced:
+        """See :meth:`Collective.reduce`; ``k``: the entries kept globally; ``dtype``: the sum's (default: fp32
+        for half values, else theirs); ``out``: a ``(numel,)`` tensor of that dtype to write the sum into (e.g. the
+        bucket buffer), else a new one."""
+        dtype = dtype or accumulator_dtype(values.dtype)
+        check_out(out, numel, dtype, values.device)
         if not finite:
             indices = torch.zeros(1, dtype=torch.int64, device=values.device)
             values = torch.full((1,), float("nan"), dtype=values.dtype, device=values.device)
         result = self.topk(indices, values, numel, k, backend=backend)
-        out = torch.zeros(numel, dtype=dtype or accumulator_dtype(values.dtype), device=values.device)
+        out = zeroed(out, numel, dtype, values.device)
         if not result.finite:  # every rank learnt it inside the algorithm: all skip the step together
             return Reduced(out.fill_(float("nan")), False)
         scatter_add(out, result.indices, result.values)

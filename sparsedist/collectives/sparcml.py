@@ -35,6 +35,7 @@ import torch
 
 from ..payload import accumulator_dtype, all_finite
 from .backend import Backend
+from .allgather import check_out, zeroed
 from .base import SIZE_BYTES, Collective, CostSheet, CostTerms, Reduced
 from .streams import Block, delta_for, prepare, recv_block, send_block, exchange_block, split_bounds_for, \
     split_exchange, split_reduce, accumulate, allgatherv_bytes
@@ -44,7 +45,7 @@ __all__ = ["ssar_recursive_double", "ssar_split_allgather", "dsar_split_allgathe
 
 
 def ssar_recursive_double(backend: Backend, indices: torch.Tensor, values: torch.Tensor, numel: int,
-                          dense_threshold: float | None = None) -> torch.Tensor:
+                          dense_threshold: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """SSAR_Recursive_double: ``log2 P'`` rounds of pairwise exchange-and-merge with partner ``rank XOR 2**r``.
 
     Args:
@@ -54,13 +55,17 @@ def ssar_recursive_double(backend: Backend, indices: torch.Tensor, values: torch
         numel: length of the vector (the same on every rank).
         dense_threshold: a stream switches to dense once ``nnz > dense_threshold * numel`` (default
             ``value_bytes / (index_bytes + value_bytes)``, where the sparse encoding outgrows the dense one).
+        out: a ``(numel,)`` floating tensor on the values' device to write the sum into (zeroed once the sum is
+            known, so it may not hold the input; the sum is cast to its dtype), e.g. the bucket buffer: saves a
+            fresh vector and a pass. Default: a new one.
 
     Returns:
-        ``(numel,)`` tensor in ``values.dtype``: the sum over ranks, identical on every rank.
+        ``(numel,)`` tensor: the sum over ranks, identical on every rank; ``out``, or a new one in ``values.dtype``.
     """
+    check_out(out, numel, device=values.device)
     codec, idx, val = prepare(indices, values, numel)
     if numel == 0:
-        return values.new_zeros(0)
+        return values.new_zeros(0) if out is None else out
     delta = delta_for(dense_threshold, codec)
     block = Block(0, numel, idx, val).densify_if(delta)
     size, rank = backend.size, backend.rank
@@ -82,18 +87,19 @@ def ssar_recursive_double(backend: Backend, indices: torch.Tensor, values: torch
                 mask <<= 1
             if rank < extra:
                 send_block(backend, codec, block, rank + p2)
-    out = torch.zeros(numel, dtype=codec.dtype, device=codec.device)
+    out = zeroed(out, numel, codec.dtype, codec.device)
     block.write_into(out)
     return out
 
 
 def ssar_split_allgather(backend: Backend, indices: torch.Tensor, values: torch.Tensor, numel: int,
-                         dense_threshold: float | None = None, split_bounds=None) -> torch.Tensor:
+                         dense_threshold: float | None = None, split_bounds=None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """SSAR_Split_allgather: sparse reduce-scatter over ``P`` index ranges, then a sparse allgather of the
     reduced ranges (a range whose reduced block passes the dense threshold travels dense).
 
     Args:
-        backend, indices, values, numel, dense_threshold: as :func:`ssar_recursive_double`.
+        backend, indices, values, numel, dense_threshold, out: as :func:`ssar_recursive_double`.
         split_bounds: the ``P`` ranges: None (default) cuts ``[0, numel)`` into equal lengths, as SparCML does;
             ``"balanced"`` computes Ok-Topk's balanced ranges from the data (:func:`balanced_bounds`, one more
             allreduce of ``P`` values); or ``P + 1`` boundaries, the same on every rank (e.g. cached balanced ones).
@@ -101,14 +107,15 @@ def ssar_split_allgather(backend: Backend, indices: torch.Tensor, values: torch.
     Returns:
         As :func:`ssar_recursive_double`.
     """
+    check_out(out, numel, device=values.device)
     codec, idx, val = prepare(indices, values, numel)
     if numel == 0:
-        return values.new_zeros(0)
+        return values.new_zeros(0) if out is None else out
     delta = delta_for(dense_threshold, codec)
     bounds = split_bounds_for(backend, idx, numel, split_bounds)
     mine = _sum_range(codec, split_exchange(backend, codec, idx, val, bounds, delta), bounds, backend.rank, delta)
     parts = allgatherv_bytes(backend, codec.encode(mine))
-    out = torch.zeros(numel, dtype=codec.dtype, device=codec.device)
+    out = zeroed(out, numel, codec.dtype, codec.device)
     for j, buf in enumerate(parts):
         codec.decode(buf, bounds[j], bounds[j + 1] - bounds[j]).write_into(out)
     return out
@@ -127,17 +134,19 @@ def _sum_range(codec, blocks: list, bounds: list[int], rank: int, delta: float) 
 
 
 def dsar_split_allgather(backend: Backend, indices: torch.Tensor, values: torch.Tensor, numel: int,
-                         dense_threshold: float | None = None, split_bounds=None) -> torch.Tensor:
+                         dense_threshold: float | None = None, split_bounds=None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """DSAR_Split_allgather: sparse reduce-scatter over ``P`` index ranges (``dense_threshold`` applies to its
     blocks), then a dense allgather of the reduced ranges: with equal ranges (the default) each padded to
     ``ceil(numel / P)`` values (``Backend.allgather``); with other ``split_bounds`` a ring allgatherv of the
     ranges' exact lengths.
 
-    Args and returns as :func:`ssar_split_allgather`.
+    Args and returns as :func:`ssar_split_allgather` (``out`` is written whole, not zeroed first).
     """
+    check_out(out, numel, device=values.device)
     codec, idx, val = prepare(indices, values, numel)
     if numel == 0:
-        return values.new_zeros(0)
+        return values.new_zeros(0) if out is None else out
     delta = delta_for(dense_threshold, codec)
     size = backend.size
     bounds = split_bounds_for(backend, idx, numel, split_bounds)
@@ -146,13 +155,18 @@ def dsar_split_allgather(backend: Backend, indices: torch.Tensor, values: torch.
     if split_bounds is not None:
         mine = sums.to(codec.dtype).contiguous().view(torch.uint8)
         parts = allgatherv_bytes(backend, mine, [n * codec.bv for n in lengths])
-        return torch.cat([p.view(codec.dtype) if p.storage_offset() % 8 == 0 else p.clone().view(codec.dtype)
-                          for p in parts])
-    width = max(lengths)
-    row = torch.zeros(width, dtype=codec.dtype, device=codec.device)
-    row[:length] = sums.to(codec.dtype)
-    rows = backend.allgather(row)
-    return torch.cat([rows[j, : lengths[j]] for j in range(size)])
+        pieces = [p.view(codec.dtype) if p.storage_offset() % 8 == 0 else p.clone().view(codec.dtype) for p in parts]
+    else:
+        width = max(lengths)
+        row = torch.zeros(width, dtype=codec.dtype, device=codec.device)
+        row[:length] = sums.to(codec.dtype)
+        rows = backend.allgather(row)
+        pieces = [rows[j, : lengths[j]] for j in range(size)]
+    if out is None:
+        return torch.cat(pieces)
+    for j, piece in enumerate(pieces):  # every element written: no zero-fill
+        out[bounds[j]:bounds[j + 1]] = piece
+    return out
 
 
 class _SparCML(Collective):
@@ -162,13 +176,19 @@ class _SparCML(Collective):
     algorithm = staticmethod(ssar_recursive_double)
 
     def reduce(self, indices: torch.Tensor, values: torch.Tensor, numel: int, backend: Backend, *,
-               finite: bool = True, dtype: torch.dtype | None = None, **kw) -> Reduced:
+               finite: bool = True, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+               **kw) -> Reduced:
+        """See :meth:`Collective.reduce`; ``dtype``: the sum's (default: fp32 for half values, else theirs);
+        ``out``: a ``(numel,)`` tensor of that dtype to write the sum into (e.g. the bucket buffer), else a new one.
+        The algorithm writes its sum straight into it (cast from the values' dtype)."""
+        dtype = dtype or accumulator_dtype(values.dtype)
+        check_out(out, numel, dtype, values.device)
         if not finite:
             indices = torch.zeros(1, dtype=torch.int64, device=values.device)
             values = torch.full((1,), float("nan"), dtype=values.dtype, device=values.device)
-        out = torch.zeros(numel, dtype=dtype or accumulator_dtype(values.dtype), device=values.device)
-        out.add_(self.algorithm(backend, indices, values, numel))
-        return Reduced(out, all_finite(out))
+        total = out if out is not None else torch.empty(numel, dtype=dtype, device=values.device)
+        self.algorithm(backend, indices, values, numel, out=total)
+        return Reduced(total, all_finite(total))
 
 
 class SSARRecursiveDouble(_SparCML):

@@ -165,7 +165,8 @@ def reduce(state, view: BucketView, units: list[Unit], plan: Plan, finite: bool,
         planner.last_max_count[layout] = reduced.max_count
     else:
         reduced = planner.collective_for(plan.collective, layout).reduce(
-            idx, vals.to(wire), view.numel, backend, finite=finite, dtype=dtype, k=plan.count)
+            idx, vals.to(wire), view.numel, backend, finite=finite, dtype=dtype, k=plan.count,
+            out=_sum_into(view, units, dtype))
         if finite and reduced.kept is not None:  # what did not survive a global top-k returns to the residuals
             _keep_only(units, reduced.kept)
     if state.options.collective == "auto":  # the union's size feeds auto's cost model (a pass over the sum)
