@@ -1,6 +1,6 @@
-"""SparCML's algorithms and the global top-k write their sum into a caller's vector (``out=``, e.g. the bucket
-buffer), with the same values as into a new one: on real gloo processes at 2 and 3 ranks, fp32 and fp16 values,
-the buffer filled with garbage first (every element must be written)."""
+"""SparCML's algorithms, the global top-k and the dense sum write their sum into a caller's vector (``out=``, e.g.
+the bucket buffer), with the same values as into a new one: on real gloo processes at 2 and 3 ranks, fp32 and fp16
+values, the buffer filled with garbage first (every element must be written)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _worker(rank, ws):
                     out = torch.full((4000,), 7.0, dtype=torch.float32)
                     got = fn(be, idx, val, 4000, out=out, **kw)
                     res.append((name, str(dtype), count, sb, got is out, torch.equal(got, fresh.float())))
-            for name in ("ssar_recursive_double", "ssar_split_allgather", "dsar_split_allgather", "gtopk"):
+            for name in ("ssar_recursive_double", "ssar_split_allgather", "dsar_split_allgather", "gtopk", "dense"):
                 extra = {"k": count // 2} if name == "gtopk" else {}
                 fresh = COLLECTIVES[name]().reduce(idx, val, 4000, be, **extra)
                 out = torch.full((4000,), 7.0, dtype=torch.float32)
@@ -63,7 +63,7 @@ def _worker(rank, ws):
 def test_the_sum_written_into_a_callers_vector_is_the_same(ws):
     out = run_distributed(_worker, ws, timeout=240)
     for r in out:
-        assert len(r["res"]) == 2 * 2 * (1 + 2 + 2 + 4)
+        assert len(r["res"]) == 2 * 2 * (1 + 2 + 2 + 5)
         for name, dtype, count, bounds, same_object, same_values in r["res"]:
             assert same_object, (name, dtype, count, bounds)
             assert same_values, (name, dtype, count, bounds)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..payload import accumulator_dtype, all_finite
-from .allgather import scatter_add, zeroed
+from .allgather import check_out, scatter_add, zeroed
 from .backend import Backend, ring_allreduce_bytes
 from .base import Collective, CostSheet, CostTerms, Reduced
 
@@ -33,12 +33,17 @@ class DenseSum(Collective):
     name = "dense"
 
     def reduce(self, indices: torch.Tensor, values: torch.Tensor, numel: int, backend: Backend, *,
-               finite: bool = True, dtype: torch.dtype | None = None, **kw) -> Reduced:
+               finite: bool = True, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+               **kw) -> Reduced:
+        """See :meth:`Collective.reduce`; ``out``: a ``(numel,)`` tensor of the sum's dtype to sum into (e.g. the
+        bucket buffer), else a new one."""
+        dtype = dtype or accumulator_dtype(values.dtype)
+        check_out(out, numel, dtype, values.device)
         if not finite:  # one NaN entry: the sum is not finite on every rank
             indices = torch.zeros(1, dtype=torch.int64, device=values.device)
             values = torch.full((1,), float("nan"), dtype=values.dtype, device=values.device)
-        out = torch.zeros(numel, dtype=dtype or accumulator_dtype(values.dtype), device=values.device)
-        out.add_(dense_sum(backend, indices, values, numel))
+        total = dense_sum(backend, indices, values, numel)
+        out = zeroed(out, numel, dtype, values.device).add_(total)
         return Reduced(out, all_finite(out))
 
     @staticmethod
