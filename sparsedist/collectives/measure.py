@@ -10,6 +10,7 @@ on this host, load included, and the times of a step's calls add up.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -147,6 +148,18 @@ def _curves(sized: dict, times: list[float]) -> dict:
     return curves
 
 
+def _synced(op, dev: torch.device):
+    """``op`` followed by waiting for ``dev`` (an accelerator runs kernels asynchronously: without the wait, a
+    timer sees their launch only); ``op`` itself on the CPU."""
+    if dev.type == "cpu":
+        return op
+
+    def run():
+        op()
+        torch.accelerator.synchronize(dev)
+    return run
+
+
 def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float, float]:
     """``gamma`` (s per sparse entry), ``gamma_dense`` (s per dense element) and ``gamma_sort`` (s per entry
     sorted; only with ``work_numel``, else 0).
@@ -170,30 +183,19 @@ def _local_work(work_numel: int | None, repeats: int, dev) -> tuple[float, float
             torch.zeros(uniq.numel(), device=dev).index_add_(0, inv, val)
 
         a, b = torch.ones(2**20, device=dev), torch.ones(2**20, device=dev)
-        return (min(_times(None, sparse, 3)) / (2 * m),
-                min(_times(None, lambda: a.add_(b), 3)) / 2**20, 0.0)
+        return (min(_times(None, _synced(sparse, dev), 3)) / (2 * m),
+                min(_times(None, _synced(lambda: a.add_(b), dev), 3)) / 2**20, 0.0)
     n = int(work_numel)
     m = max(1, int(WORK_DENSITY * n))
     idx, val = torch.randperm(n, generator=g)[:m].to(dev), torch.randn(m, generator=g).to(dev)
     payload = encode(idx, val, torch.float32)
     ones = torch.ones(n, device=dev)
     r = 3 * repeats + 2  # cheap kernels, noisy on a loaded host: many timings, the first two warm up
-    sparse = _times(None, lambda: scatter_add(torch.zeros(n, device=dev), *decode(payload, torch.float32)), r)[2:]
-    dense = _times(None, lambda: torch.zeros(n, device=dev).add_(ones), r)[2:]
-    sort = _times(None, lambda: coalesce(idx, val), r)[2:]
+    sparse = _times(None, _synced(lambda: scatter_add(torch.zeros(n, device=dev), *decode(payload, torch.float32)),
+                                  dev), r)[2:]
+    dense = _times(None, _synced(lambda: torch.zeros(n, device=dev).add_(ones), dev), r)[2:]
+    sort = _times(None, _synced(lambda: coalesce(idx, val), dev), r)[2:]
     return statistics.fmean(sparse) / m, statistics.fmean(dense) / (2 * n), statistics.fmean(sort) / m
-
-
-def _synced(op, dev: torch.device):
-    """``op`` followed by waiting for ``dev`` (an accelerator runs kernels asynchronously: without the wait, a
-    timer sees their launch only); ``op`` itself on the CPU."""
-    if dev.type == "cpu":
-        return op
-
-    def run():
-        op()
-        torch.accelerator.synchronize(dev)
-    return run
 
 
 def _work_curves(work_numel: int, repeats: int, dev, extra: dict | None = None) -> tuple[dict, list[float]]:
@@ -305,7 +307,7 @@ def probe(backend: Backend, *, sizes=(1, 2**12, 2**16, 2**20), repeats: int = 5,
                                                          for n in call_sizes)):
         raise ValueError(f"probe(call_sizes=...) must be positive ints (elements per call), got {call_sizes!r}")
     if work_counts is not None and (not isinstance(work_counts, dict) or set(work_counts) - set(WORK_KINDS) or any(
-            isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0 or m != m or m == float("inf")
+            isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0 or not math.isfinite(m)
             for ms in work_counts.values() for m in ms)):
         raise ValueError(f"probe(work_counts=...) must map kinds of {WORK_KINDS} to positive counts, got "
                          f"{work_counts!r}")
