@@ -293,11 +293,12 @@ def measure(rows: list[Row], numel: int, backend: Backend, *, repeats: int = 3, 
     ``repeats`` timings, more until :data:`MEASURE_BUDGET_S` (the mean, because that is what adds up over a
     run's steps; :func:`~sparsedist.collectives.measure.mean_seconds`).
 
-    Each row runs the code the hook runs for it, local work included: dense and fp16 a ``Backend.allreduce`` of
-    the bucket; the index-carrying rows :func:`sparsedist.collectives.sparse_allreduce` with each rank's own random
-    ``k``-subset; the packed threshold row the hook's allgather of Strom's 4-byte words (sizes first, then decode
-    and scatter-add); rand-k the values allreduce of a ``k``-subset shared by all ranks, scattered into the
-    zeroed bucket. ``gtopk`` is not measured.
+    Each row runs the code the hook runs for it, local work included, and sums into a bucket-long vector made
+    once per bucket size, as the hook sums into its bucket buffer (``out=``): dense and fp16 a
+    ``Backend.allreduce`` of the bucket; the index-carrying rows :func:`sparsedist.collectives.sparse_allreduce`
+    with each rank's own random ``k``-subset; the packed threshold row the hook's allgather of Strom's 4-byte
+    words (sizes first, then decode and scatter-add); rand-k the values allreduce of a ``k``-subset shared by
+    all ranks, scattered into the zeroed bucket. ``gtopk`` is not measured.
     """
     parts = buckets(numel, 4, bucket_mb)
     g = torch.Generator().manual_seed(seed * 1000 + backend.rank)
@@ -309,19 +310,23 @@ def measure(rows: list[Row], numel: int, backend: Backend, *, repeats: int = 3, 
             k = _count(b, d)
             supports[b, d] = torch.randperm(b, generator=g)[:k], torch.randn(k, generator=g)
             shared_idx[b, d] = torch.randperm(b, generator=common)[:k]
+    into = {b: torch.zeros(b) for b in set(parts)}  # the bucket buffers (sums of zeros stay zero)
+    half = {b: torch.zeros(b, dtype=torch.float16) for b in set(parts)}
 
     def run(row: Row) -> None:
         for b in parts:
             if row.exchange.startswith("dense"):
-                backend.allreduce(torch.ones(b))
+                backend.allreduce(into[b])
             elif row.exchange.startswith("fp16"):
-                backend.allreduce(torch.ones(b, dtype=torch.float16))
+                backend.allreduce(half[b])
             elif row.exchange == SHARED:
-                ValuesAllreduce().reduce(shared_idx[b, row.density], supports[b, row.density][1], b, backend)
+                ValuesAllreduce().reduce(shared_idx[b, row.density], supports[b, row.density][1], b, backend,
+                                         out=into[b])
             elif row.exchange == PACKED:
-                Allgather().reduce(*supports[b, row.density], b, backend, constant=1.0)
+                Allgather().reduce(*supports[b, row.density], b, backend, constant=1.0, out=into[b])
             else:
-                sparse_allreduce(*supports[b, row.density], b, algorithm=row.collective, backend=backend)
+                sparse_allreduce(*supports[b, row.density], b, algorithm=row.collective, backend=backend,
+                                 out=into[b])
 
     for row in rows:
         if row.collective == "gtopk" or backend.size == 1:

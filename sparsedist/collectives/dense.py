@@ -61,9 +61,14 @@ class ValuesAllreduce(Collective):
     name = "values_allreduce"
 
     def reduce(self, indices: torch.Tensor | None, values: torch.Tensor, numel: int, backend: Backend, *,
-               finite: bool = True, dtype: torch.dtype | None = None, **kw) -> Reduced:
+               finite: bool = True, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+               **kw) -> Reduced:
+        """See :meth:`Collective.reduce`; ``out``: a ``(numel,)`` tensor of the sum's dtype to zero and scatter
+        the sum into (used only with ``indices``), else a new one."""
+        if indices is not None:
+            check_out(out, numel, dtype or accumulator_dtype(values.dtype), values.device)
         vals = self._with_flag(values, finite)
-        return self._total(backend.allreduce(vals), indices, numel, dtype)
+        return self._total(backend.allreduce(vals), indices, numel, dtype, out)
 
     def launch(self, indices: torch.Tensor | None, values: torch.Tensor, numel: int, backend: Backend, *,
                finite: bool | torch.Tensor = True, dtype: torch.dtype | None = None,
@@ -71,6 +76,8 @@ class ValuesAllreduce(Collective):
         """Start the allreduce; a future of the :class:`Reduced` sum (its callback does local work only).
         ``out``: as in :func:`~.allgather.launch_fixed`, a ``(numel,)`` tensor the callback zeroes and scatters
         the sum into (used only with ``indices``)."""
+        if indices is not None:
+            check_out(out, numel, dtype or accumulator_dtype(values.dtype), values.device)
         vals = self._with_flag(values, finite)
         return backend.allreduce_async(vals).then(lambda f: self._total(f.value(), indices, numel, dtype, out))
 

@@ -35,10 +35,13 @@ CALL_BUDGET_S = 0.25
 WORK_BUDGET_S = 0.02
 
 
-def _times(backend: Backend | None, op, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` calls of ``op``, each started together on every rank (a barrier first)."""
+def _times(backend: Backend | None, op, repeats: int, before=None) -> list[float]:
+    """Seconds of ``repeats`` calls of ``op``, each started together on every rank (a barrier first), each after
+    an untimed call of ``before`` (if given)."""
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         if backend is not None:
             backend.barrier()
         t0 = time.perf_counter()
@@ -48,7 +51,7 @@ def _times(backend: Backend | None, op, repeats: int) -> list[float]:
 
 
 def mean_seconds(backend: Backend | None, op, repeats: int, budget_s: float = 0.0, max_repeats: int = 200,
-                 device: torch.device | str | None = None) -> float:
+                 device: torch.device | str | None = None, before=None) -> float:
     """Mean seconds of one call of ``op`` on this rank, each call started together on every rank (a barrier first).
 
     At least ``repeats`` calls, then further rounds of ``repeats`` while the calls so far took less than
@@ -57,9 +60,10 @@ def mean_seconds(backend: Backend | None, op, repeats: int, budget_s: float = 0.
     so do their means, not their medians. A call's latency can be a mixture of modes -- on a host whose scheduler
     wakes a waiting thread at the next tick, a 0.3 ms call takes 4 ms in a good share of calls -- whose median
     jumps from one mode to the other between runs while the mean moves with the share. ``device``: where the
-    ranks' agreement tensor lives (the backend's device, e.g. the GPU for NCCL; default CPU).
+    ranks' agreement tensor lives (the backend's device, e.g. the GPU for NCCL; default CPU). ``before``: called,
+    untimed, before each call (e.g. to put its operands in the state an exchange leaves them in).
     """
-    times = _times(backend, op, repeats)
+    times = _times(backend, op, repeats, before)
     while budget_s > 0 and len(times) < max_repeats:
         spent = sum(times)
         if backend is not None and backend.size > 1:  # every rank decides alike, or the collectives deadlock
@@ -67,7 +71,7 @@ def mean_seconds(backend: Backend | None, op, repeats: int, budget_s: float = 0.
             spent = float(backend.allreduce(total)) / backend.size
         if spent >= budget_s:
             break
-        times += _times(backend, op, repeats)
+        times += _times(backend, op, repeats, before)
     return statistics.fmean(times)
 
 
@@ -204,15 +208,17 @@ def _work_curves(work_numel: int, repeats: int, dev, extra: dict | None = None) 
     seconds in the same order)``. ``extra``: ``{kind: counts}`` timed too (rounded to whole entries), e.g. the
     operations a prediction will price, so that they are read off the curve exactly.
 
-    ``"sparse"``: decode a payload of ``m`` random positions (int32 index, fp32 value; distinct where the vector has
-    room) and add it into a vector of ``work_numel`` (allocated once); ``"packed"``: the same with Strom's 4-byte
-    words; ``"sort"``: coalesce ``m`` unsorted positions into a sorted stream; for ``m`` from ``WORK_DENSITY *
-    work_numel`` (at least 64) down by factors of 4 while at least 64, and 16. ``"dense"``: a zero-filled new vector
-    of ``m`` elements plus an add (per pass, half of it), for ``m`` from ``work_numel`` (at least 64) down by
-    factors of 4 while at least 4096, and 16. The smallest operations time what a kernel costs however few its
-    entries. The times are kept as measured, not made non-decreasing: a larger operation can cost less (PyTorch's
-    CPU sort switches to a radix sort at 32768 int64 entries: coalescing 25000 entries took 1.2 ms here, 41943
-    0.55 ms).
+    The operations work where an exchange works, on vectors of the bucket's length made once (the hook sums into
+    its bucket buffer, not into a fresh vector). ``"sparse"``: decode a payload of ``m`` random positions (int32
+    index, fp32 value; distinct where the vector has room) and add it into a vector of ``work_numel``, zeroed
+    (untimed) before each timing, as every exchange zeroes the vector it then adds into; ``"packed"``: the same with
+    Strom's 4-byte words; ``"sort"``: coalesce ``m`` unsorted positions into a sorted stream; for ``m`` from
+    ``WORK_DENSITY * work_numel`` (at least 64) down by factors of 4 while at least 64, and 16. ``"dense"``: a
+    zero-fill plus an add of ``m`` elements of such a vector (per pass, half of it), for ``m`` from ``work_numel``
+    (at least 64) down by factors of 4 while at least 4096, and 16. The smallest operations time what a kernel
+    costs however few its entries. The times are kept as measured, not made non-decreasing: a larger operation can
+    cost less (PyTorch's CPU sort switches to a radix sort at 32768 int64 entries: coalescing 25000 entries took
+    1.2 ms here, 41943 0.55 ms).
     """
     g = torch.Generator().manual_seed(1)
     n = int(work_numel)
@@ -224,7 +230,8 @@ def _work_curves(work_numel: int, repeats: int, dev, extra: dict | None = None) 
     pool = max(max(grid[kind]) for kind in WORK_KINDS if kind != "dense")
     pos = torch.randperm(n, generator=g)[:pool] if pool <= n else torch.randint(0, n, (pool,), generator=g)
     perm, vals = pos.to(dev), torch.randn(pool, generator=g).to(dev)
-    out, ones = torch.zeros(n, device=dev), torch.ones(max(grid["dense"]), device=dev)
+    out = torch.zeros(n, device=dev)
+    vec, ones = torch.zeros(max(grid["dense"]), device=dev), torch.ones(max(grid["dense"]), device=dev)
 
     def payload_op(m, constant):
         buf = encode(perm[:m], vals[:m], torch.float32, constant)
@@ -232,14 +239,16 @@ def _work_curves(work_numel: int, repeats: int, dev, extra: dict | None = None) 
 
     makers = {"sparse": lambda m: payload_op(m, None), "packed": lambda m: payload_op(m, 1.0),
               "sort": lambda m: lambda: coalesce(perm[:m], vals[:m]),
-              "dense": lambda m: lambda: torch.zeros(m, device=dev).add_(ones[:m])}
+              "dense": lambda m: lambda: vec[:m].zero_().add_(ones[:m])}
+    zero_out = _synced(out.zero_, dev)
     counts, seconds = {}, []
     for kind in WORK_KINDS:
         counts[kind] = sorted(grid[kind])
+        before = zero_out if kind in ("sparse", "packed") else None
         for m in counts[kind]:
             op = _synced(makers[kind](m), dev)
-            _times(None, op, 2)  # warm-up
-            t = mean_seconds(None, op, 3 * repeats, WORK_BUDGET_S)
+            _times(None, op, 2, before)  # warm-up
+            t = mean_seconds(None, op, 3 * repeats, WORK_BUDGET_S, before=before)
             seconds.append(t / 2 if kind == "dense" else t)
     return counts, seconds
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .allgather import Allgather
+from ..payload import accumulator_dtype
+from .allgather import Allgather, check_out
 from .backend import Backend, TorchBackend
 from .base import check_sparse_input
 from .choose import EXACT_ALGORITHMS, CostModel
@@ -23,7 +24,8 @@ ALGORITHMS = EXACT_ALGORITHMS + ("auto",)
 
 def sparse_allreduce(indices: torch.Tensor, values: torch.Tensor, numel: int, algorithm: str = "auto",
                      group=None, backend: Backend | None = None, dense_threshold: float | None = None,
-                     cost_model: CostModel | None = None, split_bounds=None) -> torch.Tensor:
+                     cost_model: CostModel | None = None, split_bounds=None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum one sparse vector per rank; every rank gets the dense result.
 
     Args:
@@ -46,12 +48,17 @@ def sparse_allreduce(indices: torch.Tensor, values: torch.Tensor, numel: int, al
         split_bounds: the index ranges of the split algorithms (ignored by the others): None = equal lengths
             (SparCML), ``"balanced"`` = Ok-Topk's data-balanced ranges (one more small allreduce), or ``P + 1``
             boundaries from 0 to ``numel``, the same on every rank.
+        out: a ``(numel,)`` tensor of ``values.dtype`` on ``values.device`` to write the sum into (what the DDP
+            hook does with its bucket buffer: no fresh vector per call), or None for a new one. Its contents are
+            overwritten; it must not alias ``indices`` or ``values``.
 
     Returns:
-        ``(numel,)`` tensor, ``values.dtype``, on ``values.device``: the sum of every rank's vector, bitwise
-        identical on every rank. fp16/bf16 partial sums are accumulated in fp32 and rounded to the values' dtype.
+        ``(numel,)`` tensor, ``values.dtype``, on ``values.device`` (``out`` when given): the sum of every rank's
+        vector, bitwise identical on every rank. fp16/bf16 partial sums are accumulated in fp32 and rounded to the
+        values' dtype.
     """
     numel = check_sparse_input(indices, values, numel)
+    check_out(out, numel, values.dtype, values.device)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"sparse_allreduce: unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
     if dense_threshold is not None:
@@ -64,21 +71,29 @@ def sparse_allreduce(indices: torch.Tensor, values: torch.Tensor, numel: int, al
     elif not isinstance(backend, Backend):
         raise TypeError(f"sparse_allreduce: backend must be a sparsedist Backend, got {type(backend).__name__}")
     if backend.size == 1 or numel == 0:
-        out = torch.zeros(numel, dtype=values.dtype, device=values.device)
+        acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
+        total = torch.zeros(numel, dtype=acc, device=values.device)
         if indices.numel():
-            acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
-            out = out.to(acc).index_add_(0, indices.to(torch.int64), values.to(acc)).to(values.dtype)
-        return out
+            total.index_add_(0, indices.to(torch.int64), values.to(acc))
+        return _into(out, total.to(values.dtype))
     if algorithm == "auto":
         algorithm = _auto(indices, values, numel, backend, dense_threshold, cost_model)
     if algorithm == "dense":
-        return dense_sum(backend, indices, values, numel)
+        return _into(out, dense_sum(backend, indices, values, numel))
     if algorithm == "allgather":
-        return Allgather().reduce(indices.to(torch.int64), values, numel, backend).total.to(values.dtype)
+        direct = out is not None and accumulator_dtype(values.dtype) == values.dtype  # no rounding to do
+        total = Allgather().reduce(indices.to(torch.int64), values, numel, backend, out=out if direct else None)
+        return total.total if direct else _into(out, total.total.to(values.dtype))
     if algorithm == "ssar_recursive_double":
-        return ssar_recursive_double(backend, indices, values, numel, dense_threshold=dense_threshold)
+        return ssar_recursive_double(backend, indices, values, numel, dense_threshold=dense_threshold, out=out)
     split = ssar_split_allgather if algorithm == "ssar_split_allgather" else dsar_split_allgather
-    return split(backend, indices, values, numel, dense_threshold=dense_threshold, split_bounds=split_bounds)
+    return split(backend, indices, values, numel, dense_threshold=dense_threshold, split_bounds=split_bounds,
+                 out=out)
+
+
+def _into(out: torch.Tensor | None, total: torch.Tensor) -> torch.Tensor:
+    """``total``, copied into ``out`` when one is given."""
+    return total if out is None else out.copy_(total)
 
 
 def _auto(indices, values, numel, backend, dense_threshold, cost_model) -> str:

@@ -153,7 +153,8 @@ def reduce(state, view: BucketView, units: list[Unit], plan: Plan, finite: bool,
         in_order = sends_all and _contiguous(units, view.numel)  # every entry, in bucket order: no scatter
         values = _values(units, view.buffer.device, wire)
         indices = None if in_order else _bucket_indices(units, view.buffer.device)
-        reduced = ValuesAllreduce().reduce(indices, values, view.numel, backend, finite=finite, dtype=dtype)
+        reduced = ValuesAllreduce().reduce(indices, values, view.numel, backend, finite=finite, dtype=dtype,
+                                           out=_sum_into(view, units, dtype))
         if sends_all:
             _record_time(state, layout, plan.collective, plan.choice, plan.timed, started, reduced.total)
         return reduced
