@@ -12,7 +12,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsedist
 import sparsedist.optim as so
-from sparsedist.optim.error_reset import LocalModels
+import sparsedist.optim.error_reset as error_reset
+from sparsedist.optim.error_reset import LocalModels, _buckets
 from sparsedist.testing import run_distributed
 from test_optim_distributed import _batch, _model, _steps
 
@@ -155,6 +156,55 @@ def _consolidate(rank, world):
 def test_consolidate_gives_every_rank_the_mean_local_model():
     for r in run_distributed(_consolidate, 2, timeout=120):
         assert r == {"had_pending": True, "exact": True, "empty": True, "agree": True, "count": 1}
+
+
+def test_consolidation_buckets_cut_in_order_by_size_and_device():
+    ps = [("a", torch.zeros(3)), ("b", torch.zeros(2)), ("big", torch.zeros(9)), ("c", torch.zeros(1)),
+          ("meta", torch.zeros(1, device="meta")), ("d", torch.zeros(1))]
+    groups = _buckets(ps, cap_bytes=4 * 5)  # five fp32 elements per call
+    assert [[n for n, _ in g] for g in groups] == [["a", "b"], ["big"], ["c"], ["meta"], ["d"]]
+
+
+def _consolidate_in_buckets(rank, world):
+    """Several parameters per call, one larger than the cap alone: the mean local model, in as many calls."""
+    error_reset.CONSOLIDATE_BUCKET_BYTES = 4 * 300
+    m = _model()
+    opt = _optimizer(m, "adamw")
+    exchange = so.ReferenceExchange(m, opt, density=0.05)
+    for t in range(4):
+        opt.zero_grad()
+        x, y = _batch(rank, t)
+        nn.functional.cross_entropy(m(x), y).backward()
+        exchange()
+        opt.step()
+    mean = {}
+    for n, r in exchange.residuals.items():
+        mean[n] = r.clone()
+        dist.all_reduce(mean[n])
+    expected = {n: p.detach() - (mean[n] / world).view(p.shape) if n in mean else p.detach().clone()
+                for n, p in m.named_parameters()}
+    backend = opt._local.backend()
+    calls = []
+    plain = backend.allreduce
+    backend.allreduce = lambda t, *a, **kw: calls.append(t.numel()) or plain(t, *a, **kw)
+    opt.consolidate()
+    backend.allreduce = plain
+    sizes = [p.numel() for p in m.parameters()]
+    close = all(torch.allclose(p.detach(), expected[n], rtol=0, atol=1e-6) for n, p in m.named_parameters())
+    exact = all(torch.equal(p.detach(), expected[n]) for n, p in m.named_parameters())
+    return {"calls": calls, "sizes": sizes, "close": close, "exact": exact, "empty": not exchange.residuals,
+            "agree": _same_everywhere(_flat(m))}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_consolidate_sums_the_residuals_in_buckets(world):
+    for r in run_distributed(_consolidate_in_buckets, world, timeout=120):
+        expected = [len(g) for g in _buckets([(str(i), torch.zeros(n)) for i, n in enumerate(r["sizes"])], 4 * 300)]
+        assert len(r["calls"]) == len(expected) < len(r["sizes"])  # fewer calls than parameters
+        assert sum(r["calls"]) == sum(r["sizes"])
+        assert r["close"] and r["empty"] and r["agree"]
+        if world == 2:
+            assert r["exact"]  # a sum of two is the same in any order
 
 
 def _refusals(rank, world):

@@ -60,8 +60,8 @@ class ExchangeOptimizer(torch.optim.Optimizer):
         error_reset: compute each rank's gradient at its local model, the consensus minus its error-feedback
             residual (:mod:`.error_reset`; default False). Needs an exchange that keeps residuals by parameter
             name and binds them (:meth:`attach_exchange`): the DDP hook or :class:`~.reference.ReferenceExchange`.
-        sync_every: with ``error_reset``, :meth:`consolidate` after every ``sync_every``-th sparse step (one dense
-            allreduce of the residuals; None: only when called).
+        sync_every: with ``error_reset``, :meth:`consolidate` after every ``sync_every``-th sparse step (a dense
+            allreduce of the residuals, one call per 25 MB; None: only when called).
     """
 
     def __init__(self, params, defaults: dict[str, Any], *, warmup_steps: int = 0,
@@ -168,10 +168,10 @@ class ExchangeOptimizer(torch.optim.Optimizer):
             self._local.restore()
 
     def consolidate(self) -> None:
-        """With ``error_reset``: make the mean of the ranks' local models the parameters of every rank (one dense
-        allreduce of the residuals, which become zero). A collective: call it on every rank between steps, before
-        evaluating or saving the model (the parameters between steps are the consensus, which lacks every rank's
-        pending update). Without ``error_reset`` it does nothing."""
+        """With ``error_reset``: make the mean of the ranks' local models the parameters of every rank (a dense
+        allreduce of the residuals, one call per 25 MB, after which they are zero). A collective: call it on every
+        rank between steps, before evaluating or saving the model (the parameters between steps are the consensus,
+        which lacks every rank's pending update). Without ``error_reset`` it does nothing."""
         if not self.error_reset:
             return
         if self._local is None:

@@ -11,7 +11,7 @@ Error reset (Xie et al. 2020, CSER: "bifurcated local models") evaluates each ra
 has gone far enough. The consensus stays what it was -- identical on every rank, moved only by the averaged sparse
 exchange -- and the local models differ from it by their residuals only. The average of the local models,
 ``x - mean_r e_r``, is the model training has produced; :meth:`LocalModels.consolidate` makes it the consensus
-(one dense allreduce of the residuals, which are then zero).
+(a dense allreduce of the residuals, in buckets of up to 25 MB, which are then zero).
 
 What sparsedist does, and where it departs from CSER: the residual is still fed back (the exchange selects top-k
 of ``update + e_r``), so the local models are pulled together every step by what is sent; CSER resets the
@@ -30,7 +30,11 @@ from typing import Any, Callable
 import torch
 from torch.autograd import Variable
 
-__all__ = ["LocalModels"]
+__all__ = ["LocalModels", "CONSOLIDATE_BUCKET_BYTES"]
+
+#: Most bytes of fp32 residuals one allreduce of :meth:`LocalModels.consolidate` carries (DDP's default bucket):
+#: a model's residuals go in a few calls, not one per parameter, without a flat copy of the whole model.
+CONSOLIDATE_BUCKET_BYTES = 25 * 2**20
 
 
 class LocalModels:
@@ -101,9 +105,30 @@ class LocalModels:
         backend = self.backend()
         current = self.residuals()
         size = backend.size
-        for name, p in self.named:  # every parameter on every rank, zeros where a rank has no residual
-            r = current.pop(name, None)
-            flat = torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if r is None or \
-                r.numel() != p.numel() else r.to(torch.float32, copy=True)
+        for group in _buckets(self.named, CONSOLIDATE_BUCKET_BYTES):  # the same groups on every rank
+            flat = torch.zeros(sum(p.numel() for _, p in group), dtype=torch.float32, device=group[0][1].device)
+            offset = 0
+            for name, p in group:  # every parameter on every rank, zeros where a rank has no residual
+                r = current.pop(name, None)
+                if r is not None and r.numel() == p.numel():
+                    flat[offset:offset + p.numel()].copy_(r.reshape(-1))
+                offset += p.numel()
             total = backend.allreduce(flat)
-            p.detach().sub_((total / size).view(p.shape).to(p.dtype))
+            offset = 0
+            for _, p in group:
+                p.detach().sub_((total[offset:offset + p.numel()] / size).view(p.shape).to(p.dtype))
+                offset += p.numel()
+
+
+def _buckets(named: list[tuple[str, torch.Tensor]], cap_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """``named`` cut, in order, into runs of parameters on one device of at most ``cap_bytes`` of fp32 each (a
+    larger parameter alone)."""
+    groups: list[list[tuple[str, torch.Tensor]]] = []
+    size = 0
+    for name, p in named:
+        if not groups or p.device != groups[-1][0][1].device or size + 4 * p.numel() > cap_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, p))
+        size += 4 * p.numel()
+    return groups
