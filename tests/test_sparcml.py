@@ -445,3 +445,19 @@ def test_sparcml_under_mpirun(tmp_path):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     _mpi_main()
+
+
+def test_accumulate_without_the_support_sums_the_same():
+    """DSAR asks for no support flags (``support=False``): the same sums, no flags built."""
+    from sparsedist.collectives.streams import Block, Codec, accumulate
+
+    codec = Codec(10, torch.float16, torch.device("cpu"))
+    blocks = [Block(4, 6, torch.tensor([5, 8]), torch.tensor([1.0, 2.0], dtype=torch.float16)),
+              Block(4, 6, dense=torch.arange(6, dtype=torch.float16)),
+              Block(4, 6, torch.tensor([4, 5]), torch.tensor([0.5, -1.0], dtype=torch.float16))]
+    sums, touched = accumulate(codec, blocks, 4, 6)
+    bare, none = accumulate(codec, blocks, 4, 6, support=False)
+    assert none is None and torch.equal(bare, sums) and bare.dtype == torch.float32
+    assert sums.tolist() == [0.5, 1.0, 2.0, 3.0, 6.0, 5.0] and bool(touched.all())
+    sparse_only, flags = accumulate(codec, blocks[:1], 4, 6)
+    assert flags.tolist() == [False, True, False, False, True, False]

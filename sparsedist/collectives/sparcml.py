@@ -150,7 +150,7 @@ def dsar_split_allgather(backend: Backend, indices: torch.Tensor, values: torch.
     delta = delta_for(dense_threshold, codec)
     size = backend.size
     bounds = split_bounds_for(backend, idx, numel, split_bounds)
-    _, length, sums, _, _ = split_reduce(backend, codec, idx, val, bounds, delta)
+    _, length, sums, _, _ = split_reduce(backend, codec, idx, val, bounds, delta, support=False)
     lengths = [bounds[j + 1] - bounds[j] for j in range(size)]
     if split_bounds is not None:
         mine = sums.to(codec.dtype).contiguous().view(torch.uint8)

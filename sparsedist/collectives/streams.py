@@ -320,7 +320,7 @@ def split_exchange(backend: Backend, codec: Codec, idx: torch.Tensor, val: torch
 
 
 def split_reduce(backend: Backend, codec: Codec, idx: torch.Tensor, val: torch.Tensor, bounds: list[int],
-                  delta: float) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+                  delta: float, support: bool = True) -> tuple[int, int, torch.Tensor, torch.Tensor | None, int]:
     """Phase 1 of the split algorithms (a sparse reduce-scatter), summed into a dense accumulator of the range.
 
     Sends the part of the (sorted) stream in range ``[bounds[j], bounds[j+1])`` to rank ``j`` (as a sparse block,
@@ -329,29 +329,33 @@ def split_reduce(backend: Backend, codec: Codec, idx: torch.Tensor, val: torch.T
     Returns:
         ``(start, length, sums, touched, received)`` for this rank's range: ``sums`` ``(length,)`` in the
         accumulation dtype (fp32 for half types), ``touched`` ``(length,)`` bool, the union of the received
-        supports, and ``received`` the number of entries it received (its own included; a dense block counts
-        its length).
+        supports (None with ``support=False``: DSAR sends its range dense and needs none), and ``received`` the
+        number of entries it received (its own included; a dense block counts its length).
     """
     rank = backend.rank
     start, length = bounds[rank], bounds[rank + 1] - bounds[rank]
     blocks = split_exchange(backend, codec, idx, val, bounds, delta)
-    sums, touched = accumulate(codec, blocks, start, length)
+    sums, touched = accumulate(codec, blocks, start, length, support)
     return start, length, sums, touched, sum(blk.nnz for blk in blocks)
 
 
-def accumulate(codec: Codec, blocks: list[Block], start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def accumulate(codec: Codec, blocks: list[Block], start: int, length: int,
+               support: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sum blocks of the range ``[start, start + length)`` into a dense accumulator, in list order: ``(sums,
-    touched)``, ``sums`` ``(length,)`` in the accumulation dtype and ``touched`` the union of their supports."""
+    touched)``, ``sums`` ``(length,)`` in the accumulation dtype and ``touched`` the union of their supports
+    (``(length,)`` bool; None with ``support=False``)."""
     sums = torch.zeros(length, dtype=codec.acc, device=codec.device)
-    touched = torch.zeros(length, dtype=torch.bool, device=codec.device)
+    touched = torch.zeros(length, dtype=torch.bool, device=codec.device) if support else None
     for blk in blocks:
         if blk.dense is not None:
             sums += blk.dense.to(codec.acc)
-            touched.fill_(True)
+            if touched is not None:
+                touched.fill_(True)
         elif blk.idx.numel():
             rel = blk.idx - start
             sums.index_add_(0, rel, blk.val.to(codec.acc))
-            touched[rel] = True
+            if touched is not None:
+                touched[rel] = True
     return sums, touched
 
 
