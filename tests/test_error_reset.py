@@ -130,11 +130,14 @@ def test_the_hook_and_the_reference_agree_with_error_reset(world):
                 assert sum(r[path]["moved"]) >= 4, (kind, path)  # the local models did differ from the consensus
 
 
-def _consolidate(rank, world):
+def _pending(rank: int, world: int, steps: int):
+    """A model trained ``steps`` steps through a ReferenceExchange with error reset, and what consolidation must
+    give: ``(model, optimizer, exchange, {name: consensus - mean residual})``, the mean by per-parameter
+    allreduces."""
     m = _model()
     opt = _optimizer(m, "adamw")
     exchange = so.ReferenceExchange(m, opt, density=0.05)
-    for t in range(5):
+    for t in range(steps):
         opt.zero_grad()
         x, y = _batch(rank, t)
         nn.functional.cross_entropy(m(x), y).backward()
@@ -146,6 +149,11 @@ def _consolidate(rank, world):
         dist.all_reduce(mean[n])
     expected = {n: p.detach() - (mean[n] / world).view(p.shape) if n in mean else p.detach().clone()
                 for n, p in m.named_parameters()}
+    return m, opt, exchange, expected
+
+
+def _consolidate(rank, world):
+    m, opt, exchange, expected = _pending(rank, world, 5)
     had_pending = sum(float(r.abs().sum()) for r in exchange.residuals.values()) > 0
     opt.consolidate()
     exact = all(torch.equal(p.detach(), expected[n]) for n, p in m.named_parameters())
@@ -168,21 +176,7 @@ def test_consolidation_buckets_cut_in_order_by_size_and_device():
 def _consolidate_in_buckets(rank, world):
     """Several parameters per call, one larger than the cap alone: the mean local model, in as many calls."""
     error_reset.CONSOLIDATE_BUCKET_BYTES = 4 * 300
-    m = _model()
-    opt = _optimizer(m, "adamw")
-    exchange = so.ReferenceExchange(m, opt, density=0.05)
-    for t in range(4):
-        opt.zero_grad()
-        x, y = _batch(rank, t)
-        nn.functional.cross_entropy(m(x), y).backward()
-        exchange()
-        opt.step()
-    mean = {}
-    for n, r in exchange.residuals.items():
-        mean[n] = r.clone()
-        dist.all_reduce(mean[n])
-    expected = {n: p.detach() - (mean[n] / world).view(p.shape) if n in mean else p.detach().clone()
-                for n, p in m.named_parameters()}
+    m, opt, exchange, expected = _pending(rank, world, 4)
     backend = opt._local.backend()
     calls = []
     plain = backend.allreduce

@@ -230,8 +230,7 @@ def _work_curves(work_numel: int, repeats: int, dev, extra: dict | None = None) 
     pool = max(max(grid[kind]) for kind in WORK_KINDS if kind != "dense")
     pos = torch.randperm(n, generator=g)[:pool] if pool <= n else torch.randint(0, n, (pool,), generator=g)
     perm, vals = pos.to(dev), torch.randn(pool, generator=g).to(dev)
-    out = torch.zeros(n, device=dev)
-    vec, ones = torch.zeros(max(grid["dense"]), device=dev), torch.ones(max(grid["dense"]), device=dev)
+    out, ones = torch.zeros(max(grid["dense"]), device=dev), torch.ones(max(grid["dense"]), device=dev)  # >= n
 
     def payload_op(m, constant):
         buf = encode(perm[:m], vals[:m], torch.float32, constant)
@@ -239,7 +238,7 @@ def _work_curves(work_numel: int, repeats: int, dev, extra: dict | None = None) 
 
     makers = {"sparse": lambda m: payload_op(m, None), "packed": lambda m: payload_op(m, 1.0),
               "sort": lambda m: lambda: coalesce(perm[:m], vals[:m]),
-              "dense": lambda m: lambda: vec[:m].zero_().add_(ones[:m])}
+              "dense": lambda m: lambda: out[:m].zero_().add_(ones[:m])}
     zero_out = _synced(out.zero_, dev)
     counts, seconds = {}, []
     for kind in WORK_KINDS:

@@ -71,7 +71,7 @@ def sparse_allreduce(indices: torch.Tensor, values: torch.Tensor, numel: int, al
     elif not isinstance(backend, Backend):
         raise TypeError(f"sparse_allreduce: backend must be a sparsedist Backend, got {type(backend).__name__}")
     if backend.size == 1 or numel == 0:
-        acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
+        acc = accumulator_dtype(values.dtype)
         total = torch.zeros(numel, dtype=acc, device=values.device)
         if indices.numel():
             total.index_add_(0, indices.to(torch.int64), values.to(acc))
